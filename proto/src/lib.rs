@@ -1,0 +1,12 @@
+//! Every contract between lifl processes, in one crate that both ends link.
+//!
+//! - [`descriptor`]: the 64-byte record that moves an arena buffer between
+//!   endpoints, and the BPF map values, mirrored from `bpf-c/include/lifl.h`.
+//! - [`arena`]: the header at the start of every job's shared-memory arena and
+//!   the checked mapping that readers and writers go through.
+//! - [`control`]: the messages an endpoint exchanges with its node's sidecar
+//!   over the registration socket.
+
+pub mod arena;
+pub mod control;
+pub mod descriptor;
