@@ -28,9 +28,16 @@ fn main() {
         .arg(&object)
         .status()
         .expect("run clang (install clang: `just deps`)");
-    assert!(status.success(), "clang failed to compile {}", source.display());
+    assert!(
+        status.success(),
+        "clang failed to compile {}",
+        source.display()
+    );
 
     println!("cargo:rerun-if-changed={}", source.display());
-    println!("cargo:rerun-if-changed={}", bpf_dir.join("include/lifl.h").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        bpf_dir.join("include/lifl.h").display()
+    );
     println!("cargo:rerun-if-env-changed=CLANG");
 }

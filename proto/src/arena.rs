@@ -113,7 +113,9 @@ impl ArenaMap {
         let sys = |call| move |source| ArenaError::Sys { call, source };
         let len = file_len(fd).map_err(sys("fstat"))?;
         if len < ARENA_HEADER_BYTES as usize {
-            return Err(ArenaError::BadHeader(format!("file is {len} bytes, below one header")));
+            return Err(ArenaError::BadHeader(format!(
+                "file is {len} bytes, below one header"
+            )));
         }
 
         // SAFETY: a fresh mapping at an address the kernel picks aliases no
@@ -143,10 +145,16 @@ impl ArenaMap {
             return bad(format!("magic {:#x}", header.magic));
         }
         if header.version != ARENA_VERSION {
-            return bad(format!("version {}, expected {ARENA_VERSION}", header.version));
+            return bad(format!(
+                "version {}, expected {ARENA_VERSION}",
+                header.version
+            ));
         }
         if header.arena_bytes != self.len as u64 {
-            return bad(format!("says {} bytes, file has {}", header.arena_bytes, self.len));
+            return bad(format!(
+                "says {} bytes, file has {}",
+                header.arena_bytes, self.len
+            ));
         }
         match job {
             Some(job) if job != header.job => bad(format!("job {}, expected {job}", header.job)),
@@ -166,7 +174,11 @@ impl ArenaMap {
 
     /// Checks that `offset..offset + len` lies inside the mapping.
     pub fn check_range(&self, offset: u64, len: u64) -> Result<std::ops::Range<usize>, ArenaError> {
-        let out = || ArenaError::OutOfBounds { offset, len, arena_bytes: self.len as u64 };
+        let out = || ArenaError::OutOfBounds {
+            offset,
+            len,
+            arena_bytes: self.len as u64,
+        };
         let end = offset.checked_add(len).ok_or_else(out)?;
         if end > self.len as u64 {
             return Err(out());
@@ -241,7 +253,10 @@ mod tests {
 
         let reader = ArenaMap::open(file.as_fd(), Some(7)).unwrap();
         assert_eq!(reader.bytes(8192, 4).unwrap(), &[1, 2, 3, 4]);
-        assert!(matches!(ArenaMap::open(file.as_fd(), Some(8)), Err(ArenaError::BadHeader(_))));
+        assert!(matches!(
+            ArenaMap::open(file.as_fd(), Some(8)),
+            Err(ArenaError::BadHeader(_))
+        ));
     }
 
     #[test]
@@ -249,13 +264,22 @@ mod tests {
         let file = arena_file(16 * 1024);
         let map = ArenaMap::initialise(file.as_fd(), 1, 4096).unwrap();
         assert!(map.bytes(16 * 1024 - 4, 4).is_ok());
-        assert!(matches!(map.bytes(16 * 1024 - 4, 5), Err(ArenaError::OutOfBounds { .. })));
-        assert!(matches!(map.bytes(u64::MAX, 2), Err(ArenaError::OutOfBounds { .. })));
+        assert!(matches!(
+            map.bytes(16 * 1024 - 4, 5),
+            Err(ArenaError::OutOfBounds { .. })
+        ));
+        assert!(matches!(
+            map.bytes(u64::MAX, 2),
+            Err(ArenaError::OutOfBounds { .. })
+        ));
     }
 
     #[test]
     fn a_file_without_a_header_is_refused() {
         let file = arena_file(8192);
-        assert!(matches!(ArenaMap::open(file.as_fd(), None), Err(ArenaError::BadHeader(_))));
+        assert!(matches!(
+            ArenaMap::open(file.as_fd(), None),
+            Err(ArenaError::BadHeader(_))
+        ));
     }
 }

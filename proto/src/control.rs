@@ -149,7 +149,10 @@ pub enum ErrorCode {
 impl ErrorCode {
     /// Whether the same request can succeed later without change.
     pub fn is_retryable(self) -> bool {
-        matches!(self, Self::ArenaFull | Self::RefsExhausted | Self::CreditExhausted | Self::Internal)
+        matches!(
+            self,
+            Self::ArenaFull | Self::RefsExhausted | Self::CreditExhausted | Self::Internal
+        )
     }
 }
 
@@ -271,7 +274,10 @@ mod tests {
     fn requests_are_tagged_json_and_unknown_fields_are_errors() {
         let line = serde_json::to_string(&Request::Alloc { id: 3, len: 10 }).unwrap();
         assert_eq!(line, r#"{"op":"alloc","id":3,"len":10}"#);
-        assert_eq!(serde_json::from_str::<Request>(&line).unwrap(), Request::Alloc { id: 3, len: 10 });
+        assert_eq!(
+            serde_json::from_str::<Request>(&line).unwrap(),
+            Request::Alloc { id: 3, len: 10 }
+        );
 
         let err = serde_json::from_str::<Request>(r#"{"op":"alloc","id":3,"len":10,"x":1}"#);
         assert!(err.unwrap_err().to_string().contains("unknown field"));

@@ -112,13 +112,17 @@ impl Descriptor {
     /// Reads a descriptor from the first [`DESC_SIZE`] bytes of `bytes`,
     /// checking magic, version and kind. Alignment of `bytes` does not matter.
     pub fn parse(bytes: &[u8]) -> Result<Self, DescError> {
-        let raw = bytes.get(..DESC_SIZE).ok_or(DescError::Short { found: bytes.len() })?;
+        let raw = bytes
+            .get(..DESC_SIZE)
+            .ok_or(DescError::Short { found: bytes.len() })?;
         let desc: Descriptor = bytemuck::pod_read_unaligned(raw);
         if desc.magic != DESC_MAGIC {
             return Err(DescError::BadMagic { found: desc.magic });
         }
         if desc.version != DESC_VERSION {
-            return Err(DescError::BadVersion { found: desc.version });
+            return Err(DescError::BadVersion {
+                found: desc.version,
+            });
         }
         DescKind::try_from(desc.kind)?;
         Ok(desc)
@@ -225,7 +229,11 @@ mod tests {
     #[test]
     fn wire_layout_matches_the_c_header() {
         let bytes = sample().as_bytes().to_vec();
-        assert_eq!(&bytes[0..4], &7u32.to_le_bytes(), "dst comes first for the BPF program");
+        assert_eq!(
+            &bytes[0..4],
+            &7u32.to_le_bytes(),
+            "dst comes first for the BPF program"
+        );
         assert_eq!(&bytes[8..12], b"LIFD");
         assert_eq!(&bytes[16..20], &42u32.to_le_bytes());
         assert_eq!(&bytes[32..40], &4096u64.to_le_bytes());
@@ -234,7 +242,7 @@ mod tests {
 
     #[test]
     fn parse_round_trips_from_an_unaligned_buffer() {
-        let mut buf = vec![0u8; DESC_SIZE + 1];
+        let mut buf = [0u8; DESC_SIZE + 1];
         buf[1..].copy_from_slice(sample().as_bytes());
         assert_eq!(Descriptor::parse(&buf[1..]), Ok(sample()));
     }
@@ -242,7 +250,10 @@ mod tests {
     #[test]
     fn parse_refuses_short_bad_magic_version_and_kind() {
         let good = *sample().as_bytes();
-        assert_eq!(Descriptor::parse(&good[..63]), Err(DescError::Short { found: 63 }));
+        assert_eq!(
+            Descriptor::parse(&good[..63]),
+            Err(DescError::Short { found: 63 })
+        );
 
         let mut bad = sample();
         bad.magic = 0xdead_beef;
@@ -253,10 +264,16 @@ mod tests {
 
         let mut bad = sample();
         bad.version = 9;
-        assert_eq!(Descriptor::parse(bad.as_bytes()), Err(DescError::BadVersion { found: 9 }));
+        assert_eq!(
+            Descriptor::parse(bad.as_bytes()),
+            Err(DescError::BadVersion { found: 9 })
+        );
 
         let mut bad = sample();
         bad.kind = 77;
-        assert_eq!(Descriptor::parse(bad.as_bytes()), Err(DescError::UnknownKind(77)));
+        assert_eq!(
+            Descriptor::parse(bad.as_bytes()),
+            Err(DescError::UnknownKind(77))
+        );
     }
 }

@@ -10,3 +10,4 @@
 pub mod arena;
 pub mod control;
 pub mod descriptor;
+pub mod v1;

@@ -1,0 +1,98 @@
+//! The sidecar's settings: flags, each with an environment variable.
+
+use std::path::PathBuf;
+
+/// Default path of the registration socket.
+pub const DEFAULT_SOCKET: &str = "/run/lifl/sidecar.sock";
+/// Default size of each job's arena: room for a few dozen ResNet-18 updates.
+pub const DEFAULT_ARENA_BYTES: u64 = 1 << 30;
+/// Default live references one endpoint may have allocated.
+pub const DEFAULT_ENDPOINT_CREDIT: u64 = 4096;
+/// Default size of the ref table.
+pub const DEFAULT_MAX_REFS: u32 = 65536;
+
+/// Which data path to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DataplaneChoice {
+    /// The kernel path when privileges allow, user space otherwise.
+    Auto,
+    /// The kernel path or nothing: start-up fails without it.
+    SkMsg,
+    /// User-space routing, even with privileges.
+    Userspace,
+}
+
+/// `lifl-sidecar`: the per-node lifl daemon.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "lifl-sidecar", version, about)]
+pub struct Config {
+    /// Path of the registration socket (created with mode 0660).
+    #[arg(long, env = "LIFL_SIDECAR_SOCKET", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+
+    /// Size of each job's shared-memory arena, e.g. `1GiB`, `256MiB`, `4096`.
+    #[arg(long, env = "LIFL_SIDECAR_ARENA_BYTES", default_value = "1GiB", value_parser = parse_bytes)]
+    pub arena_bytes: u64,
+
+    /// Data path: `auto`, `sk-msg` or `userspace`.
+    #[arg(
+        long,
+        env = "LIFL_SIDECAR_DATAPLANE",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub dataplane: DataplaneChoice,
+
+    /// Live buffer references one endpoint may have allocated at once.
+    #[arg(long, env = "LIFL_SIDECAR_ENDPOINT_CREDIT", default_value_t = DEFAULT_ENDPOINT_CREDIT)]
+    pub endpoint_credit: u64,
+
+    /// Slots in the reference table: the most references alive on the node.
+    #[arg(long, env = "LIFL_SIDECAR_MAX_REFS", default_value_t = DEFAULT_MAX_REFS)]
+    pub max_refs: u32,
+
+    /// Never back arenas with hugepages, even when some are free.
+    #[arg(long, env = "LIFL_SIDECAR_NO_HUGEPAGES")]
+    pub no_hugepages: bool,
+}
+
+/// Parses a byte count with an optional binary suffix (`KiB`, `MiB`, `GiB`).
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let value: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{text}` is not a byte count"))?;
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "K" => 1 << 10,
+        "MiB" | "M" => 1 << 20,
+        "GiB" | "G" => 1 << 30,
+        other => return Err(format!("unknown unit `{other}`; use KiB, MiB or GiB")),
+    };
+    value
+        .checked_mul(scale)
+        .ok_or_else(|| format!("`{text}` is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_counts_take_binary_suffixes_and_refuse_nonsense() {
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert_eq!(parse_bytes("256MiB"), Ok(256 << 20));
+        assert_eq!(parse_bytes("1G"), Ok(1 << 30));
+        assert!(parse_bytes("12 parsecs")
+            .unwrap_err()
+            .contains("unknown unit"));
+        assert!(parse_bytes("MiB").is_err());
+        assert!(parse_bytes("99999999999999GiB")
+            .unwrap_err()
+            .contains("too large"));
+    }
+}

@@ -1,0 +1,140 @@
+//! The lifl sidecar: the per-node daemon that owns each job's shared-memory
+//! arena and moves descriptors between the node's endpoints.
+//!
+//! Start-up is four named steps, each in [`run`]: pick the data path (load
+//! and attach the SK_MSG router, or fall back to user space), bind the
+//! registration socket, announce readiness, serve until SIGTERM or SIGINT.
+
+pub mod arena;
+pub mod bpf;
+pub mod config;
+pub mod node;
+pub mod routes;
+pub mod server;
+
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use tokio::net::UnixListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+
+use crate::bpf::SkMsgRouter;
+use crate::config::{Config, DataplaneChoice};
+use crate::node::{Node, NodeConfig};
+use crate::routes::{KernelRoutes, Routes, UserRoutes};
+
+/// How often references stranded by a departed endpoint are looked for.
+const ORPHAN_SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// Runs the sidecar until SIGTERM or SIGINT.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let routes = open_dataplane(&config)?;
+    tracing::info!("dataplane={}", routes.dataplane().as_str());
+    let node = Arc::new(Node::new(node_config(&config), routes));
+
+    let listener = bind(&config.socket)?;
+    tracing::info!(socket = %config.socket.display(), "serving registrations");
+    notify_ready();
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn(sweep_orphans(node.clone(), shutdown.clone()));
+    let server = tokio::spawn(server::serve(node, listener, shutdown.clone()));
+
+    wait_for_signal().await?;
+    tracing::info!("shutting down");
+    shutdown.cancel();
+    let _ = server.await;
+    let _ = std::fs::remove_file(&config.socket);
+    Ok(())
+}
+
+fn node_config(config: &Config) -> NodeConfig {
+    NodeConfig {
+        arena_bytes: config.arena_bytes,
+        endpoint_credit: config.endpoint_credit,
+        max_refs: config.max_refs,
+        hugepages: !config.no_hugepages,
+    }
+}
+
+/// Loads the kernel router, or chooses user space as configured.
+fn open_dataplane(config: &Config) -> anyhow::Result<Box<dyn Routes>> {
+    if config.dataplane == DataplaneChoice::Userspace {
+        return Ok(Box::new(UserRoutes::default()));
+    }
+    match SkMsgRouter::load(config.max_refs) {
+        Ok(router) => {
+            tracing::info!("sk_msg router attached");
+            Ok(Box::new(KernelRoutes::new(router)))
+        }
+        Err(err) if config.dataplane == DataplaneChoice::Auto && err.is_permission() => {
+            tracing::warn!(%err, "no CAP_BPF/CAP_NET_ADMIN; routing descriptors in user space");
+            Ok(Box::new(UserRoutes::default()))
+        }
+        Err(err) => Err(err).context("load the sk_msg router"),
+    }
+}
+
+/// Binds the registration socket with mode 0660, replacing a stale one.
+fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!("{} is served by a running sidecar", path.display());
+        }
+        std::fs::remove_file(path).with_context(|| format!("remove stale {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path).with_context(|| format!("bind {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("chmod {}", path.display()))?;
+    Ok(listener)
+}
+
+/// Tells systemd (`Type=notify`) that the socket is ready, when run by it.
+fn notify_ready() {
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sent = (|| -> std::io::Result<()> {
+        let socket = std::os::unix::net::UnixDatagram::unbound()?;
+        let target = target.as_encoded_bytes();
+        if let Some(name) = target.strip_prefix(b"@") {
+            use std::os::linux::net::SocketAddrExt;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+            socket.send_to_addr(b"READY=1", &addr)?;
+        } else {
+            socket.send_to(b"READY=1", std::ffi::OsStr::from_bytes(target))?;
+        }
+        Ok(())
+    })();
+    if let Err(err) = sent {
+        tracing::warn!(%err, "could not notify systemd of readiness");
+    }
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+async fn sweep_orphans(node: Arc<Node>, shutdown: CancellationToken) {
+    let mut every = tokio::time::interval(ORPHAN_SWEEP_EVERY);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = every.tick() => { node.sweep_orphans(); }
+        }
+    }
+}
