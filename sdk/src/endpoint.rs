@@ -1,0 +1,512 @@
+//! An endpoint registered with its node's sidecar: the control connection
+//! that allocates and releases buffers, and the descriptor socket that sends
+//! and receives them by reference.
+//!
+//! Two background tasks serve each endpoint. The control task owns the
+//! control socket: it writes requests (batching releases, so dropping a
+//! buffer never waits) and routes answers back to their callers. The receive
+//! task reads whole 64-byte descriptors from the descriptor socket, checks
+//! them against the arena, and queues them for [`Endpoint::recv`].
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures_util::StreamExt;
+use lifl_proto::arena::ArenaMap;
+use lifl_proto::control::{Grant, Reply, Request, MAX_LINE_BYTES, MAX_RELEASE_BATCH};
+use lifl_proto::descriptor::{Descriptor, DESC_MAGIC, DESC_SIZE, DESC_VERSION};
+use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::codec::{FramedRead, LinesCodec};
+
+use crate::buffer::{BufferMut, HeldRef, Sendable, Update, UpdateMeta};
+use crate::error::SdkError;
+
+/// What to register as.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    /// The sidecar's registration socket.
+    pub socket: PathBuf,
+    /// Job the endpoint works for (not 0).
+    pub job: u32,
+    /// Role, for the sidecar's logs (`leaf`, `middle`, `top`, ...).
+    pub role: String,
+    /// Endpoint id to take, as the control plane assigned it; `None` lets
+    /// the sidecar pick one.
+    pub endpoint: Option<u32>,
+}
+
+impl Registration {
+    /// A registration for `job` as `role` with a sidecar-chosen id.
+    pub fn new(socket: impl Into<PathBuf>, job: u32, role: impl Into<String>) -> Self {
+        Self {
+            socket: socket.into(),
+            job,
+            role: role.into(),
+            endpoint: None,
+        }
+    }
+
+    /// Asks for a specific endpoint id.
+    pub fn with_endpoint(mut self, endpoint: u32) -> Self {
+        self.endpoint = Some(endpoint);
+        self
+    }
+}
+
+/// State the endpoint's handles and background tasks share.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) arena: ArenaMap,
+    /// Requests to the control task; `None` for the answer means no answer
+    /// is expected.
+    control: mpsc::UnboundedSender<Outgoing>,
+}
+
+#[derive(Debug)]
+enum Outgoing {
+    Ask(Request, u64, oneshot::Sender<Reply>),
+    Release(u32, u32),
+}
+
+impl Shared {
+    /// Gives a reference back without waiting; the control task batches.
+    pub(crate) fn release(&self, slot: u32, gen: u32) {
+        // After the control task ends the sidecar has released everything
+        // this endpoint held, so a lost release loses nothing.
+        let _ = self.control.send(Outgoing::Release(slot, gen));
+    }
+}
+
+/// An endpoint of a job on this node, registered with the sidecar.
+///
+/// Every method takes `&self`: one task may receive while others send.
+#[derive(Debug)]
+pub struct Endpoint {
+    id: u32,
+    job: u32,
+    dataplane: String,
+    shared: Arc<Shared>,
+    next_request: AtomicU64,
+    next_seq: AtomicU64,
+    writer: tokio::sync::Mutex<tokio::net::tcp::OwnedWriteHalf>,
+    incoming: tokio::sync::Mutex<mpsc::UnboundedReceiver<Result<Update, SdkError>>>,
+}
+
+impl Endpoint {
+    /// Registers with the sidecar at `registration.socket` and maps the job's
+    /// arena.
+    pub async fn register(registration: Registration) -> Result<Self, SdkError> {
+        let path = registration.socket.clone();
+        let mut stream = UnixStream::connect(&path)
+            .await
+            .map_err(|source| SdkError::Connect {
+                path: path.clone(),
+                source,
+            })?;
+
+        let request = Request::Register {
+            id: 1,
+            job: registration.job,
+            role: registration.role,
+            endpoint: registration.endpoint,
+        };
+        stream.write_all(request_line(&request).as_bytes()).await?;
+        let (line, fds) = read_line_with_fds(&stream).await?;
+        let (id, job, dataplane) = match parse_reply(&line)? {
+            Reply::Registered {
+                endpoint,
+                job,
+                dataplane,
+                ..
+            } => (endpoint, job, dataplane),
+            Reply::Error { code, message, .. } => return Err(SdkError::Rejected { code, message }),
+            other => return Err(SdkError::Protocol(format!("unexpected reply {other:?}"))),
+        };
+        let [socket_fd, arena_fd]: [OwnedFd; 2] = fds.try_into().map_err(|fds: Vec<OwnedFd>| {
+            SdkError::Protocol(format!(
+                "registration carried {} fds, expected 2",
+                fds.len()
+            ))
+        })?;
+
+        let arena = ArenaMap::open(arena_fd.as_fd(), Some(job))
+            .map_err(|err| SdkError::Protocol(format!("arena: {err}")))?;
+        drop(arena_fd);
+        let socket = std::net::TcpStream::from(socket_fd);
+        socket.set_nonblocking(true)?;
+        let (read, write) = TcpStream::from_std(socket)?.into_split();
+
+        let (control, control_rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared { arena, control });
+        let (incoming_tx, incoming) = mpsc::unbounded_channel();
+        tokio::spawn(run_control(stream, control_rx, incoming_tx.clone()));
+        tokio::spawn(receive(read, shared.clone(), incoming_tx));
+
+        Ok(Self {
+            id,
+            job,
+            dataplane,
+            shared,
+            next_request: AtomicU64::new(2),
+            next_seq: AtomicU64::new(1),
+            writer: tokio::sync::Mutex::new(write),
+            incoming: tokio::sync::Mutex::new(incoming),
+        })
+    }
+
+    /// This endpoint's id.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// The job it works for.
+    pub fn job(&self) -> u32 {
+        self.job
+    }
+
+    /// The node's data path: `sk_msg` or `userspace`. Nothing else differs.
+    pub fn dataplane(&self) -> &str {
+        &self.dataplane
+    }
+
+    /// Allocates a buffer of `len` bytes in the job's arena, to be written in
+    /// place and sent.
+    ///
+    /// Fails with a [`crate::Fault::Capacity`] error when the arena, the
+    /// node's reference slots, or this endpoint's credit is used up; the same
+    /// call succeeds once enough references are released.
+    pub async fn alloc(&self, len: u64) -> Result<BufferMut, SdkError> {
+        let id = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let grant = self.ask_grant(Request::Alloc { id, len }, id).await?;
+        Ok(BufferMut {
+            held: HeldRef::new(grant, self.shared.clone()),
+        })
+    }
+
+    /// Takes one more reference to the buffer of a received update, so it can
+    /// be kept or passed on while the original is forwarded elsewhere.
+    pub async fn share(&self, update: &Update) -> Result<Update, SdkError> {
+        let id = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let grant = update.held.grant;
+        let request = Request::Share {
+            id,
+            slot: grant.slot,
+            gen: grant.gen,
+        };
+        let grant = self.ask_grant(request, id).await?;
+        let mut desc = update.desc;
+        (desc.ref_slot, desc.ref_gen) = (grant.slot, grant.gen);
+        Ok(Update {
+            held: HeldRef::new(grant, self.shared.clone()),
+            desc,
+        })
+    }
+
+    async fn ask_grant(&self, request: Request, id: u64) -> Result<Grant, SdkError> {
+        match self.ask(request, id).await? {
+            Reply::Granted { grant, .. } => {
+                // A grant must name bytes of the arena: checked once here so
+                // every later view of it is in bounds.
+                self.shared
+                    .arena
+                    .check_range(grant.offset, grant.len)
+                    .map_err(|err| SdkError::Protocol(format!("grant: {err}")))?;
+                Ok(grant)
+            }
+            Reply::Error { code, message, .. } => Err(SdkError::Rejected { code, message }),
+            other => Err(SdkError::Protocol(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    async fn ask(&self, request: Request, id: u64) -> Result<Reply, SdkError> {
+        let (tx, rx) = oneshot::channel();
+        self.shared
+            .control
+            .send(Outgoing::Ask(request, id, tx))
+            .map_err(|_| SdkError::Closed)?;
+        rx.await.map_err(|_| SdkError::Closed)
+    }
+
+    /// Sends a buffer by reference to endpoint `dst` of the same job, and
+    /// returns the descriptor's sequence number. The reference moves with it:
+    /// `dst` now holds the buffer. A refusal arrives later through
+    /// [`Endpoint::recv`] as [`SdkError::Refused`] with this number.
+    pub async fn send(
+        &self,
+        dst: u32,
+        buffer: impl Sendable,
+        meta: UpdateMeta,
+    ) -> Result<u64, SdkError> {
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        let held = buffer.into_held().0;
+        let grant = held.grant;
+        let desc = Descriptor {
+            dst,
+            src: self.id,
+            magic: DESC_MAGIC,
+            version: DESC_VERSION,
+            kind: meta.kind as u16,
+            job: self.job,
+            round: meta.round,
+            ref_slot: grant.slot,
+            ref_gen: grant.gen,
+            offset: grant.offset,
+            len: grant.len,
+            samples: meta.samples,
+            seq,
+        };
+        let mut writer = self.writer.lock().await;
+        // Once any byte is written the reference has left this endpoint,
+        // whatever the outcome; if nothing was written, `held` releases it.
+        writer.write_all(desc.as_bytes()).await?;
+        held.into_sent();
+        Ok(seq)
+    }
+
+    /// Writes raw bytes on the descriptor socket, bypassing every check of
+    /// this SDK. Only for tests of how the kernel and the sidecar treat
+    /// malformed input; real code uses [`Endpoint::send`].
+    #[doc(hidden)]
+    pub async fn write_raw_descriptor_bytes(&self, bytes: &[u8]) -> Result<(), SdkError> {
+        self.writer.lock().await.write_all(bytes).await?;
+        Ok(())
+    }
+
+    /// The reference a buffer carries, as `(slot, generation, offset, len)`;
+    /// for tests that forge descriptors.
+    #[doc(hidden)]
+    pub fn reference_of(buffer: &BufferMut) -> (u32, u32, u64, u64) {
+        let g = buffer.held.grant;
+        (g.slot, g.gen, g.offset, g.len)
+    }
+
+    /// Waits for the next update sent to this endpoint, or for the next
+    /// refusal of a descriptor it sent.
+    pub async fn recv(&self) -> Result<Update, SdkError> {
+        let mut incoming = self.incoming.lock().await;
+        incoming.recv().await.unwrap_or(Err(SdkError::Closed))
+    }
+}
+
+/// Reads the registration answer and the fds that ride with it.
+async fn read_line_with_fds(stream: &UnixStream) -> Result<(String, Vec<OwnedFd>), SdkError> {
+    let mut line = Vec::new();
+    let mut fds = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !line.contains(&b'\n') {
+        if line.len() > MAX_LINE_BYTES {
+            return Err(SdkError::Protocol("registration answer too long".into()));
+        }
+        stream.readable().await?;
+        let read = stream.try_io(tokio::io::Interest::READABLE, || {
+            recv_with_fds(stream.as_raw_fd(), &mut buf, &mut fds)
+        });
+        match read {
+            Ok(0) => return Err(SdkError::Closed),
+            Ok(n) => line.extend_from_slice(&buf[..n]),
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(err) => return Err(err.into()),
+        }
+    }
+    let line = String::from_utf8(line).map_err(|_| SdkError::Protocol("non-UTF-8 reply".into()))?;
+    Ok((line, fds))
+}
+
+fn recv_with_fds(fd: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> std::io::Result<usize> {
+    let mut space = nix::cmsg_space!([RawFd; 2]);
+    let mut iov = [std::io::IoSliceMut::new(buf)];
+    let msg = recvmsg::<()>(fd, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)?;
+    for cmsg in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(received) = cmsg {
+            // SAFETY: the kernel just installed these fds in this process
+            // for this message; nothing else owns them.
+            fds.extend(
+                received
+                    .into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
+        }
+    }
+    Ok(msg.bytes)
+}
+
+fn request_line(request: &Request) -> String {
+    let mut line = serde_json::to_string(request).expect("requests always serialise");
+    line.push('\n');
+    line
+}
+
+fn parse_reply(line: &str) -> Result<Reply, SdkError> {
+    serde_json::from_str(line.trim_end()).map_err(|err| SdkError::Protocol(format!("reply: {err}")))
+}
+
+/// Owns the control socket: writes requests and releases, routes replies.
+async fn run_control(
+    stream: UnixStream,
+    mut outgoing: mpsc::UnboundedReceiver<Outgoing>,
+    incoming: mpsc::UnboundedSender<Result<Update, SdkError>>,
+) {
+    let (read, mut write) = stream.into_split();
+    let pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Reply>>>> = Arc::default();
+    let reader = tokio::spawn(route_replies(read, pending.clone(), incoming));
+
+    let mut out = String::new();
+    let mut releases = Vec::new();
+    while let Some(first) = outgoing.recv().await {
+        // Drain what is queued: many drops become one release line.
+        let mut next = Some(first);
+        while let Some(item) = next.take().or_else(|| outgoing.try_recv().ok()) {
+            match item {
+                Outgoing::Ask(request, id, answer) => {
+                    pending
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(id, answer);
+                    out.push_str(&request_line(&request));
+                }
+                Outgoing::Release(slot, gen) => releases.push((slot, gen)),
+            }
+            if releases.len() == MAX_RELEASE_BATCH || out.len() > 64 * 1024 {
+                break;
+            }
+        }
+        if !releases.is_empty() {
+            let refs = std::mem::take(&mut releases);
+            out.push_str(&request_line(&Request::Release { refs }));
+        }
+        if write.write_all(out.as_bytes()).await.is_err() {
+            break;
+        }
+        out.clear();
+    }
+    // Dropping the write half tells the sidecar this endpoint is gone.
+    drop(write);
+    reader.abort();
+}
+
+async fn route_replies(
+    read: tokio::net::unix::OwnedReadHalf,
+    pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Reply>>>>,
+    incoming: mpsc::UnboundedSender<Result<Update, SdkError>>,
+) {
+    let mut lines = FramedRead::new(read, LinesCodec::new_with_max_length(MAX_LINE_BYTES));
+    while let Some(Ok(line)) = lines.next().await {
+        let reply = match parse_reply(&line) {
+            Ok(reply) => reply,
+            Err(err) => {
+                let _ = incoming.send(Err(err));
+                continue;
+            }
+        };
+        let id = match &reply {
+            Reply::Refused { seq, dst, reason } => {
+                let refused = SdkError::Refused {
+                    seq: *seq,
+                    dst: *dst,
+                    reason: *reason,
+                };
+                let _ = incoming.send(Err(refused));
+                continue;
+            }
+            Reply::Registered { id, .. }
+            | Reply::Granted { id, .. }
+            | Reply::Stats { id, .. }
+            | Reply::Error { id, .. } => *id,
+        };
+        let answer = pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        match answer {
+            Some(answer) => {
+                let _ = answer.send(reply);
+            }
+            None => {
+                let _ = incoming.send(Err(SdkError::Protocol(format!("unasked reply {reply:?}"))));
+            }
+        }
+    }
+    // Pending callers see their answer channel close: `SdkError::Closed`.
+    pending.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    let _ = incoming.send(Err(SdkError::Closed));
+}
+
+/// Reads whole descriptors from the descriptor socket and queues them as
+/// updates. The queue needs no bound of its own: each entry holds one of the
+/// node's limited references.
+async fn receive(
+    mut read: tokio::net::tcp::OwnedReadHalf,
+    shared: Arc<Shared>,
+    incoming: mpsc::UnboundedSender<Result<Update, SdkError>>,
+) {
+    let mut buf = vec![0u8; DESC_SIZE * 256];
+    let mut filled = 0;
+    loop {
+        let n = match read.read(&mut buf[filled..]).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        filled += n;
+        let whole = filled - filled % DESC_SIZE;
+        for raw in buf[..whole].chunks_exact(DESC_SIZE) {
+            if incoming.send(admit(raw, &shared)).is_err() {
+                return;
+            }
+        }
+        buf.copy_within(whole..filled, 0);
+        filled -= whole;
+    }
+    let _ = incoming.send(Err(SdkError::Closed));
+}
+
+/// Turns 64 received bytes into an update, or says why they are not one.
+fn admit(raw: &[u8], shared: &Arc<Shared>) -> Result<Update, SdkError> {
+    let desc = Descriptor::parse(raw).map_err(|err| SdkError::Protocol(err.to_string()))?;
+    let grant = Grant {
+        slot: desc.ref_slot,
+        gen: desc.ref_gen,
+        offset: desc.offset,
+        len: desc.len,
+    };
+    let held = HeldRef::new(grant, shared.clone());
+    // The kernel and the sidecar both check ranges; a mapping is never read
+    // out of bounds even if they did not.
+    if let Err(err) = shared.arena.check_range(desc.offset, desc.len) {
+        return Err(SdkError::Protocol(format!(
+            "descriptor {}: {err}",
+            desc.seq
+        )));
+    }
+    Ok(Update { held, desc })
+}
+
+/// Asks a sidecar for its state without registering an endpoint.
+pub async fn stats(socket: &Path) -> Result<lifl_proto::control::SidecarStats, SdkError> {
+    let stream = UnixStream::connect(socket)
+        .await
+        .map_err(|source| SdkError::Connect {
+            path: socket.to_owned(),
+            source,
+        })?;
+    let (read, mut write) = stream.into_split();
+    write
+        .write_all(request_line(&Request::Stats { id: 1 }).as_bytes())
+        .await?;
+    let mut lines = FramedRead::new(read, LinesCodec::new_with_max_length(16 << 20));
+    let line = lines
+        .next()
+        .await
+        .ok_or(SdkError::Closed)?
+        .map_err(|err| SdkError::Protocol(err.to_string()))?;
+    match parse_reply(&line)? {
+        Reply::Stats { stats, .. } => Ok(stats),
+        Reply::Error { code, message, .. } => Err(SdkError::Rejected { code, message }),
+        other => Err(SdkError::Protocol(format!("unexpected reply {other:?}"))),
+    }
+}
