@@ -122,6 +122,7 @@ int sk_msg_route(struct sk_msg_md *msg)
 
 	/* Anything malformed, spoofed or unknown is the sidecar's to judge. */
 	if (desc->magic != LIFL_DESC_MAGIC || desc->version != LIFL_DESC_VERSION ||
+	    desc->kind < LIFL_KIND_UPDATE || desc->kind > LIFL_KIND_MAX ||
 	    desc->src != sender->endpoint)
 		return count(sender->endpoint, PASSED);
 	dst = desc->dst;

@@ -28,6 +28,7 @@ enum lifl_desc_kind {
 	LIFL_KIND_PARTIAL = 2,   /* an aggregator's partial result */
 	LIFL_KIND_MODEL = 3,     /* a global model */
 	LIFL_KIND_CONTROL = 4,   /* application-defined, no payload semantics */
+	LIFL_KIND_MAX = LIFL_KIND_CONTROL,
 };
 
 /* One reference to one arena buffer, moved from src to dst. */

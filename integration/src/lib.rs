@@ -1,1 +1,410 @@
-//! placeholder
+//! A harness that runs lifl's real binaries as separate processes, for the
+//! end-to-end tests and the benchmarks.
+//!
+//! [`SidecarProcess`] starts `lifl-sidecar` on a socket in a fresh directory
+//! and stops it with SIGTERM; [`Peer`] starts `lifl-dp-peer`, a small SDK
+//! program that plays one side of a scenario and reports what it saw as JSON
+//! lines. Both can run as an unprivileged user (through `setpriv`) so the
+//! user-space data path is tested as such even where the tests run as root.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use lifl_sdk::SidecarStats;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+/// The uid and gid unprivileged processes run as (`nobody`).
+const NOBODY: u32 = 65534;
+
+/// Which data path a scenario runs on, and as whom.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The kernel path: a privileged sidecar with `--dataplane sk-msg`.
+    Kernel,
+    /// The user-space path, every process unprivileged.
+    Userspace,
+}
+
+impl Mode {
+    /// Whether this mode can run here. The kernel path needs root; where
+    /// `LIFL_REQUIRE_BPF=1` it must run, so a missing privilege fails the
+    /// test instead of skipping it.
+    pub fn available(self) -> bool {
+        if self == Mode::Userspace || is_root() {
+            return true;
+        }
+        assert!(
+            std::env::var("LIFL_REQUIRE_BPF").as_deref() != Ok("1"),
+            "LIFL_REQUIRE_BPF=1 but the kernel data path needs root (CAP_BPF, CAP_NET_ADMIN)"
+        );
+        eprintln!("skipping the kernel data path: not root; the user-space tests still run");
+        false
+    }
+
+    /// The `dataplane` the sidecar must report in this mode.
+    pub fn dataplane(self) -> &'static str {
+        match self {
+            Mode::Kernel => "sk_msg",
+            Mode::Userspace => "userspace",
+        }
+    }
+}
+
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Where the workspace's binaries are: `LIFL_BIN_DIR`, else the profile
+/// directory this test binary was built into.
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("LIFL_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    let exe = std::env::current_exe().expect("the test binary has a path");
+    // target/<profile>/deps/<test> -> target/<profile>
+    let mut dir = exe.parent().expect("in a directory").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    let path = bin_dir().join(name);
+    if !path.exists() {
+        bail!(
+            "{} is missing: run `cargo build --workspace --bins` first",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A command for `program`, run as `nobody` with no capabilities in
+/// [`Mode::Userspace`] when this process is root.
+fn command_for(mode: Mode, program: &Path) -> Command {
+    if mode == Mode::Userspace && is_root() {
+        let mut cmd = Command::new("setpriv");
+        cmd.args([
+            &format!("--reuid={NOBODY}"),
+            &format!("--regid={NOBODY}"),
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            "--",
+        ]);
+        cmd.arg(program);
+        cmd
+    } else {
+        Command::new(program)
+    }
+}
+
+/// A running `lifl-sidecar`, stopped with SIGTERM on drop.
+#[derive(Debug)]
+pub struct SidecarProcess {
+    child: Child,
+    socket: PathBuf,
+    mode: Mode,
+    _dir: tempfile::TempDir,
+}
+
+/// How to start a sidecar.
+#[derive(Debug, Clone)]
+pub struct SidecarBuilder {
+    mode: Mode,
+    arena_bytes: String,
+    endpoint_credit: Option<u64>,
+    extra: Vec<String>,
+}
+
+impl SidecarProcess {
+    /// A sidecar on the data path of `mode`, with small defaults for tests.
+    pub fn builder(mode: Mode) -> SidecarBuilder {
+        SidecarBuilder {
+            mode,
+            arena_bytes: "64MiB".into(),
+            endpoint_credit: None,
+            extra: vec![],
+        }
+    }
+
+    /// The registration socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The mode it runs in.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// The sidecar's current state.
+    pub fn stats(&self) -> anyhow::Result<SidecarStats> {
+        block_on(lifl_sdk::stats(&self.socket)).context("ask the sidecar for stats")
+    }
+
+    /// Polls the sidecar's state until `done` holds or `timeout` passes, and
+    /// returns the last state seen.
+    pub fn wait_for_stats(
+        &self,
+        timeout: Duration,
+        mut done: impl FnMut(&SidecarStats) -> bool,
+    ) -> anyhow::Result<SidecarStats> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let stats = self.stats()?;
+            if done(&stats) || Instant::now() > deadline {
+                return Ok(stats);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the sidecar with SIGTERM and returns how it exited.
+    pub fn stop(mut self) -> anyhow::Result<ExitStatus> {
+        terminate(&mut self.child, Duration::from_secs(10))
+    }
+}
+
+impl SidecarBuilder {
+    /// Size of each job's arena (`64MiB` by default here).
+    pub fn arena_bytes(mut self, bytes: &str) -> Self {
+        self.arena_bytes = bytes.into();
+        self
+    }
+
+    /// Live references one endpoint may have allocated.
+    pub fn endpoint_credit(mut self, credit: u64) -> Self {
+        self.endpoint_credit = Some(credit);
+        self
+    }
+
+    /// Any further flags.
+    pub fn arg(mut self, arg: &str) -> Self {
+        self.extra.push(arg.into());
+        self
+    }
+
+    /// Starts it and waits until it answers on its socket.
+    pub fn start(self) -> anyhow::Result<SidecarProcess> {
+        let dir = tempfile::Builder::new().prefix("lifl-it-").tempdir()?;
+        // An unprivileged sidecar must be able to create its socket here.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))?;
+        let socket = dir.path().join("sidecar.sock");
+
+        let dataplane = match self.mode {
+            Mode::Kernel => "sk-msg",
+            Mode::Userspace => "auto",
+        };
+        let mut cmd = command_for(self.mode, &binary("lifl-sidecar")?);
+        cmd.arg("--socket").arg(&socket);
+        cmd.args(["--dataplane", dataplane, "--arena-bytes", &self.arena_bytes]);
+        if let Some(credit) = self.endpoint_credit {
+            cmd.args(["--endpoint-credit", &credit.to_string()]);
+        }
+        cmd.args(&self.extra);
+        cmd.env(
+            "LIFL_LOG",
+            std::env::var("LIFL_LOG").unwrap_or_else(|_| "info".into()),
+        );
+        let child = cmd
+            .stdin(Stdio::null())
+            .spawn()
+            .context("spawn lifl-sidecar")?;
+        let mut sidecar = SidecarProcess {
+            child,
+            socket,
+            mode: self.mode,
+            _dir: dir,
+        };
+
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = sidecar.child.try_wait()? {
+                bail!("lifl-sidecar exited during start-up: {status}");
+            }
+            if let Ok(stats) = sidecar.stats() {
+                if stats.dataplane != self.mode.dataplane() {
+                    bail!(
+                        "sidecar runs dataplane={}, wanted {}",
+                        stats.dataplane,
+                        self.mode.dataplane()
+                    );
+                }
+                return Ok(sidecar);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "lifl-sidecar did not answer on {} in time",
+                    sidecar.socket.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for SidecarProcess {
+    fn drop(&mut self) {
+        let _ = terminate(&mut self.child, Duration::from_secs(5));
+    }
+}
+
+/// Sends SIGTERM and waits; SIGKILL if it does not exit within `grace`.
+pub fn terminate(child: &mut Child, grace: Duration) -> anyhow::Result<ExitStatus> {
+    if let Some(status) = child.try_wait()? {
+        return Ok(status);
+    }
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM)?;
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.kill()?;
+    Err(anyhow!(
+        "process {} ignored SIGTERM for {grace:?}",
+        child.id()
+    ))
+}
+
+/// A running `lifl-dp-peer`: one side of a scenario, reporting JSON lines.
+#[derive(Debug)]
+pub struct Peer {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Peer {
+    /// Starts `lifl-dp-peer <args>` against `sidecar`, as the same user.
+    pub fn start(sidecar: &SidecarProcess, args: &[&str]) -> anyhow::Result<Self> {
+        let mut cmd = command_for(sidecar.mode(), &binary("lifl-dp-peer")?);
+        cmd.arg("--socket").arg(sidecar.socket()).args(args);
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("spawn lifl-dp-peer")?;
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().expect("stdout is piped");
+        Ok(Self {
+            child,
+            stdin,
+            lines: forward_lines(stdout),
+        })
+    }
+
+    /// Waits for the next JSON line whose `event` is `name`.
+    pub fn expect(&mut self, name: &str, timeout: Duration) -> anyhow::Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self
+                .lines
+                .recv_timeout(left)
+                .map_err(|_| match self.child.try_wait() {
+                    Ok(Some(status)) => anyhow!("peer exited ({status}) before `{name}`"),
+                    _ => anyhow!("no `{name}` from the peer within {timeout:?}"),
+                })?;
+            let value: Value = serde_json::from_str(&line)
+                .with_context(|| format!("peer printed a non-JSON line: {line}"))?;
+            if value["event"] == name {
+                return Ok(value);
+            }
+            if value["event"] == "error" {
+                bail!("peer failed: {}", value["message"]);
+            }
+        }
+    }
+
+    /// Closes its stdin, which tells it to exit, and waits for it.
+    pub fn finish(mut self) -> anyhow::Result<ExitStatus> {
+        drop(self.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                self.child.kill()?;
+                bail!("peer did not exit after its stdin closed");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Kills it with SIGKILL and reaps it.
+    pub fn kill9(mut self) -> anyhow::Result<()> {
+        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL)?;
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn forward_lines(stdout: ChildStdout) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Prints one JSON event line on stdout and flushes it; for peer programs.
+pub fn emit(event: Value) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{event}");
+    let _ = out.flush();
+}
+
+/// Runs a future to completion on a fresh current-thread runtime.
+pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a current-thread runtime builds")
+        .block_on(future)
+}
+
+/// The payload a sender writes for sequence number `seq`: `len` bytes that
+/// differ for every `seq`, so a receiver can check every byte.
+pub fn fill_payload(seq: u64, out: &mut [u8]) {
+    let mut x = seq.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    for chunk in out.chunks_mut(8) {
+        // xorshift64: cheap, and no two sequence numbers share a stream.
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+}
+
+/// Whether `bytes` is exactly the payload of `seq`.
+pub fn payload_matches(seq: u64, bytes: &[u8]) -> bool {
+    let mut expected = vec![0u8; bytes.len()];
+    fill_payload(seq, &mut expected);
+    expected == bytes
+}

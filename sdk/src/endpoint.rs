@@ -170,6 +170,11 @@ impl Endpoint {
         self.job
     }
 
+    /// Size of the job's arena in bytes, header included.
+    pub fn arena_bytes(&self) -> u64 {
+        self.shared.arena.len()
+    }
+
     /// The node's data path: `sk_msg` or `userspace`. Nothing else differs.
     pub fn dataplane(&self) -> &str {
         &self.dataplane
@@ -364,6 +369,12 @@ async fn run_control(
         while let Some(item) = next.take().or_else(|| outgoing.try_recv().ok()) {
             match item {
                 Outgoing::Ask(request, id, answer) => {
+                    // Releases queued before a request reach the sidecar
+                    // before it: an allocation may need their room.
+                    if !releases.is_empty() {
+                        let refs = std::mem::take(&mut releases);
+                        out.push_str(&request_line(&Request::Release { refs }));
+                    }
                     pending
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())

@@ -22,7 +22,7 @@ pub enum Fault {
 #[non_exhaustive]
 pub enum SdkError {
     /// The sidecar's socket could not be reached.
-    #[error("cannot reach the sidecar at {path}: {source}")]
+    #[error("cannot reach the sidecar at {path}")]
     Connect {
         /// The socket path tried.
         path: std::path::PathBuf,
@@ -61,7 +61,7 @@ pub enum SdkError {
     #[error("the sidecar closed the connection")]
     Closed,
     /// Reading or writing a socket failed.
-    #[error("socket I/O with the sidecar: {0}")]
+    #[error("socket I/O with the sidecar")]
     Io(#[from] std::io::Error),
 }
 

@@ -397,6 +397,25 @@ impl SkMsgRouter {
         Ok(Some(sum))
     }
 
+    /// Writes the zero value under `key` of a per-CPU map, on every CPU.
+    pub fn zero_percpu<K: Pod>(&self, map: Map, key: &K) -> Result<(), BpfError> {
+        let map = self.fd(map);
+        // The kernel reads one value per possible CPU, at 8-byte strides.
+        let zeros = vec![0u8; map.value_size.next_multiple_of(8) * self.cpus];
+        assert_sizes(map, std::mem::size_of::<K>(), map.value_size);
+        // SAFETY: the key has the map's key size; `zeros` holds a value
+        // stride for each possible CPU, as the kernel reads.
+        check("bpf_map_update_elem", unsafe {
+            libbpf_sys::bpf_map_update_elem(
+                map.fd,
+                (key as *const K).cast(),
+                zeros.as_ptr().cast(),
+                libbpf_sys::BPF_ANY as u64,
+            )
+        })?;
+        Ok(())
+    }
+
     fn update_raw<K: Pod>(&self, map: MapFd, key: &K, value: &[u8]) -> Result<(), BpfError> {
         assert_sizes(map, std::mem::size_of::<K>(), value.len());
         // SAFETY: key and value have exactly the map's sizes.

@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 /// Default path of the registration socket.
 pub const DEFAULT_SOCKET: &str = "/run/lifl/sidecar.sock";
-/// Default size of each job's arena: room for a few dozen ResNet-18 updates.
-pub const DEFAULT_ARENA_BYTES: u64 = 1 << 30;
+/// Default size of each job's arena: room for ten ResNet-18 updates.
+pub const DEFAULT_ARENA_BYTES: u64 = 512 << 20;
 /// Default live references one endpoint may have allocated.
 pub const DEFAULT_ENDPOINT_CREDIT: u64 = 4096;
 /// Default size of the ref table.
@@ -30,8 +30,8 @@ pub struct Config {
     #[arg(long, env = "LIFL_SIDECAR_SOCKET", default_value = DEFAULT_SOCKET)]
     pub socket: PathBuf,
 
-    /// Size of each job's shared-memory arena, e.g. `1GiB`, `256MiB`, `4096`.
-    #[arg(long, env = "LIFL_SIDECAR_ARENA_BYTES", default_value = "1GiB", value_parser = parse_bytes)]
+    /// Size of each job's shared-memory arena, e.g. `1GiB`, `512MiB`, `4096`.
+    #[arg(long, env = "LIFL_SIDECAR_ARENA_BYTES", default_value = "512MiB", value_parser = parse_bytes)]
     pub arena_bytes: u64,
 
     /// Data path: `auto`, `sk-msg` or `userspace`.

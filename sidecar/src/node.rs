@@ -15,7 +15,7 @@ use std::sync::{Mutex, MutexGuard};
 use lifl_proto::control::{
     EndpointStats, ErrorCode, Grant, JobStats, RefuseReason, Reply, SidecarStats,
 };
-use lifl_proto::descriptor::{DescError, Descriptor, RefEntry};
+use lifl_proto::descriptor::{DescError, Descriptor, RefEntry, DESC_SIZE};
 use tokio::sync::mpsc;
 
 use crate::arena::{usable_hugepage_bytes, Arena, ArenaError};
@@ -507,6 +507,9 @@ impl Node {
     /// if the sender held it, and tells the sender.
     pub fn judge(&self, from: u32, bytes: &[u8]) -> Verdict {
         let mut state = self.lock();
+        // Even a malformed descriptor's fields say where it was going, for
+        // the notice; none of them is trusted.
+        let raw: Option<Descriptor> = bytes.get(..DESC_SIZE).map(bytemuck::pod_read_unaligned);
         let parsed = Descriptor::parse(bytes);
         let outcome = parsed
             .map_err(refuse_reason)
@@ -525,18 +528,18 @@ impl Node {
                     }
                     Err(err) => {
                         tracing::error!(%err, "could not move a reference; refusing its descriptor");
-                        self.refuse(&mut state, from, parsed.ok(), RefuseReason::NotHolder)
+                        self.refuse(&mut state, from, parsed.ok(), raw, RefuseReason::NotHolder)
                     }
                 }
             }
-            Err(reason) => self.refuse(&mut state, from, parsed.ok(), reason),
+            Err(reason) => self.refuse(&mut state, from, parsed.ok(), raw, reason),
         }
     }
 
     /// Refuses the partial descriptor `from` left on its socket.
     pub fn refuse_short(&self, from: u32) {
         let mut state = self.lock();
-        self.refuse(&mut state, from, None, RefuseReason::Short);
+        self.refuse(&mut state, from, None, None, RefuseReason::Short);
     }
 
     fn check(&self, state: &State, from: u32, desc: &Descriptor) -> Result<Forward, RefuseReason> {
@@ -585,6 +588,7 @@ impl Node {
         state: &mut State,
         from: u32,
         desc: Option<Descriptor>,
+        raw: Option<Descriptor>,
         reason: RefuseReason,
     ) -> Verdict {
         *state.refused.entry(reason).or_default() += 1;
@@ -602,7 +606,7 @@ impl Node {
 
         let count = state.refused[&reason];
         if let Some(sender) = state.endpoints.get_mut(&from) {
-            let (seq, dst) = desc.map_or((0, 0), |d| (d.seq, d.dst));
+            let (seq, dst) = raw.map_or((0, 0), |d| (d.seq, d.dst));
             if sender.warned.insert(reason) {
                 tracing::warn!(
                     endpoint = from,

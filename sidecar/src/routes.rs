@@ -91,7 +91,7 @@ impl Routes for KernelRoutes {
         // Counters and identity first, the socket last: once the socket is in
         // the map the program runs on its sends and must find both.
         let r = &self.router;
-        r.update(Map::RouteStats, &endpoint, &RouteStats::default())?;
+        r.zero_percpu(Map::RouteStats, &endpoint)?;
         r.update(
             Map::SenderPorts,
             &u32::from(client_port),

@@ -1,0 +1,322 @@
+//! `lifl-dp-peer`: one side of a data-plane scenario, run as its own process
+//! by the tests and benchmarks. It reports what it saw as JSON lines on
+//! stdout, then waits for its stdin to close so the test can inspect the
+//! sidecar while its endpoints are still registered.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use lifl_integration::{emit, fill_payload, payload_matches};
+use lifl_proto::descriptor::{DescKind, Descriptor, DESC_MAGIC, DESC_VERSION};
+use lifl_sdk::{Endpoint, Fault, Registration, SdkError, UpdateMeta};
+use serde_json::json;
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// The sidecar's registration socket.
+    #[arg(long)]
+    socket: PathBuf,
+    /// Job to register for.
+    #[arg(long, default_value_t = 1)]
+    job: u32,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Debug, Subcommand)]
+enum Scenario {
+    /// Receive `count` updates and check every payload byte.
+    Recv {
+        #[arg(long)]
+        endpoint: u32,
+        #[arg(long)]
+        count: u64,
+    },
+    /// Send `count` updates of `len` bytes to endpoint `to`.
+    Send {
+        #[arg(long)]
+        endpoint: u32,
+        #[arg(long)]
+        to: u32,
+        #[arg(long)]
+        count: u64,
+        #[arg(long, default_value_t = 64)]
+        len: u64,
+    },
+    /// Hold `buffers` buffers across two endpoints, half of them received,
+    /// until killed.
+    Hold {
+        #[arg(long)]
+        buffers: u64,
+    },
+    /// Send a valid update to an endpoint of `other_job`, then one to a
+    /// third endpoint of this job.
+    CrossJob {
+        #[arg(long)]
+        other_job: u32,
+    },
+    /// Send every kind of malformed descriptor and report each refusal.
+    Malformed,
+    /// Allocate `len`-byte buffers until refused, then release one, and
+    /// send and receive again.
+    Exhaust {
+        #[arg(long)]
+        len: u64,
+    },
+}
+
+const QUIET: Duration = Duration::from_millis(300);
+
+fn main() {
+    let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime builds");
+    if let Err(err) = runtime.block_on(run(args)) {
+        emit(json!({"event": "error", "message": format!("{err:#}")}));
+        std::process::exit(1);
+    }
+}
+
+async fn register(args: &Args, job: u32, role: &str, id: Option<u32>) -> anyhow::Result<Endpoint> {
+    let mut registration = Registration::new(&args.socket, job, role);
+    registration.endpoint = id;
+    Endpoint::register(registration)
+        .await
+        .with_context(|| format!("register {role}"))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    // The endpoints live until stdin closes, so the test can read stats.
+    let _endpoints = match args.scenario {
+        Scenario::Recv { endpoint, count } => vec![recv(&args, endpoint, count).await?],
+        Scenario::Send {
+            endpoint,
+            to,
+            count,
+            len,
+        } => {
+            vec![send(&args, endpoint, to, count, len).await?]
+        }
+        Scenario::Hold { buffers } => hold(&args, buffers).await?,
+        Scenario::CrossJob { other_job } => cross_job(&args, other_job).await?,
+        Scenario::Malformed => malformed(&args).await?,
+        Scenario::Exhaust { len } => vec![exhaust(&args, len).await?],
+    };
+    tokio::task::spawn_blocking(|| std::io::stdin().read_to_end(&mut Vec::new())).await??;
+    Ok(())
+}
+
+fn update_meta(samples: u64) -> UpdateMeta {
+    UpdateMeta {
+        round: 1,
+        kind: DescKind::Update,
+        samples,
+    }
+}
+
+async fn recv(args: &Args, id: u32, count: u64) -> anyhow::Result<Endpoint> {
+    let ep = register(args, args.job, "receiver", Some(id)).await?;
+    emit(json!({"event": "ready", "endpoint": ep.id(), "dataplane": ep.dataplane()}));
+    let (mut bad_payloads, mut out_of_order) = (0u64, 0u64);
+    for i in 0..count {
+        let update = ep.recv().await.context("receive")?;
+        // The sender puts the update's index in its sample count.
+        let index = update.meta().samples;
+        if index != i {
+            out_of_order += 1;
+        }
+        if !payload_matches(index, update.as_bytes()) || update.src() == ep.id() {
+            bad_payloads += 1;
+        }
+    }
+    emit(
+        json!({"event": "done", "received": count, "bad_payloads": bad_payloads,
+                "out_of_order": out_of_order}),
+    );
+    Ok(ep)
+}
+
+async fn send(args: &Args, id: u32, to: u32, count: u64, len: u64) -> anyhow::Result<Endpoint> {
+    let ep = register(args, args.job, "sender", Some(id)).await?;
+    emit(json!({"event": "ready", "endpoint": ep.id(), "dataplane": ep.dataplane()}));
+    let started = Instant::now();
+    let mut capacity_waits = 0u64;
+    for i in 0..count {
+        let mut buffer = loop {
+            match ep.alloc(len).await {
+                Ok(buffer) => break buffer,
+                // The receiver has not released enough yet: back-pressure.
+                Err(err) if err.fault() == Fault::Capacity => {
+                    capacity_waits += 1;
+                    tokio::time::sleep(Duration::from_micros(200)).await;
+                }
+                Err(err) => return Err(err).context("alloc"),
+            }
+        };
+        fill_payload(i, buffer.as_mut_bytes());
+        ep.send(to, buffer, update_meta(i)).await.context("send")?;
+    }
+    emit(
+        json!({"event": "done", "sent": count, "capacity_waits": capacity_waits,
+                "elapsed_ms": started.elapsed().as_millis() as u64}),
+    );
+    Ok(ep)
+}
+
+async fn hold(args: &Args, buffers: u64) -> anyhow::Result<Vec<Endpoint>> {
+    let a = register(args, args.job, "holder", None).await?;
+    let b = register(args, args.job, "holder", None).await?;
+    let mut kept = Vec::new();
+    let mut received = Vec::new();
+    for i in 0..buffers {
+        let mut buffer = a.alloc(4096).await?;
+        fill_payload(i, buffer.as_mut_bytes());
+        if i % 2 == 0 {
+            kept.push(buffer);
+        } else {
+            a.send(b.id(), buffer, update_meta(i)).await?;
+            received.push(b.recv().await?);
+        }
+    }
+    emit(json!({"event": "holding", "endpoints": [a.id(), b.id()],
+                "kept": kept.len(), "received": received.len()}));
+    // Killed here, with every buffer still held.
+    std::future::pending::<()>().await;
+    unreachable!("pending never completes")
+}
+
+async fn cross_job(args: &Args, other_job: u32) -> anyhow::Result<Vec<Endpoint>> {
+    let a = register(args, args.job, "sender", None).await?;
+    let other = register(args, other_job, "other-job", None).await?;
+    let peer = register(args, args.job, "same-job", None).await?;
+
+    let mut buffer = a.alloc(256).await?;
+    fill_payload(7, buffer.as_mut_bytes());
+    let seq = a.send(other.id(), buffer, update_meta(7)).await?;
+    let refusal = match a.recv().await {
+        Err(SdkError::Refused {
+            seq: s,
+            dst,
+            reason,
+        }) if s == seq && dst == other.id() => reason.as_str().to_owned(),
+        other => bail!("expected a refusal of descriptor {seq}, got {other:?}"),
+    };
+    let delivered = tokio::time::timeout(QUIET, other.recv()).await.is_ok();
+
+    // The sender's socket still works: nothing was dropped in the kernel.
+    let mut buffer = a.alloc(256).await?;
+    fill_payload(8, buffer.as_mut_bytes());
+    a.send(peer.id(), buffer, update_meta(8)).await?;
+    let update = tokio::time::timeout(Duration::from_secs(5), peer.recv()).await??;
+    let same_job_ok = payload_matches(8, update.as_bytes());
+    drop(update);
+
+    emit(
+        json!({"event": "result", "refusal": refusal, "delivered_across_jobs": delivered,
+                "same_job_after_refusal": same_job_ok,
+                "endpoints": {"sender": a.id(), "other": other.id(), "peer": peer.id()}}),
+    );
+    Ok(vec![a, other, peer])
+}
+
+/// Spoils one field of a valid descriptor: `(desc, other endpoint, arena bytes)`.
+type Forge = fn(&mut Descriptor, u32, u64);
+
+async fn malformed(args: &Args) -> anyhow::Result<Vec<Endpoint>> {
+    let a = register(args, args.job, "forger", None).await?;
+    let b = register(args, args.job, "target", None).await?;
+    let arena = a.arena_bytes();
+
+    let mut observed = serde_json::Map::new();
+    let cases: [(&str, Forge); 8] = [
+        ("bad_magic", |d, _, _| d.magic = 0x1234_5678),
+        ("bad_version", |d, _, _| d.version = DESC_VERSION + 1),
+        ("bad_kind", |d, _, _| d.kind = 99),
+        ("spoofed_source", |d, b, _| d.src = b),
+        ("unknown_endpoint", |d, _, _| d.dst = 999_999),
+        ("out_of_bounds_offset", |d, _, arena| d.offset = arena),
+        ("out_of_bounds_len", |d, _, arena| d.len = arena * 2),
+        ("not_holder", |d, _, _| {
+            d.ref_gen = d.ref_gen.wrapping_add(1000)
+        }),
+    ];
+    for (name, forge) in cases {
+        let buffer = a.alloc(4096).await?;
+        let (ref_slot, ref_gen, offset, len) = Endpoint::reference_of(&buffer);
+        let mut desc = Descriptor {
+            dst: b.id(),
+            src: a.id(),
+            magic: DESC_MAGIC,
+            version: DESC_VERSION,
+            kind: DescKind::Update as u16,
+            job: a.job(),
+            round: 1,
+            ref_slot,
+            ref_gen,
+            offset,
+            len,
+            samples: 1,
+            seq: 0,
+        };
+        forge(&mut desc, b.id(), arena);
+        a.write_raw_descriptor_bytes(desc.as_bytes()).await?;
+        observed.insert(name.into(), json!(refusal_of(&a).await?));
+        drop(buffer);
+    }
+
+    // Fewer than 64 bytes, and nothing after them.
+    a.write_raw_descriptor_bytes(&[0xab; 10]).await?;
+    observed.insert("short".into(), json!(refusal_of(&a).await?));
+
+    let delivered = tokio::time::timeout(QUIET, b.recv()).await.is_ok();
+    emit(json!({"event": "result", "observed": observed, "delivered": delivered}));
+    Ok(vec![a, b])
+}
+
+async fn refusal_of(ep: &Endpoint) -> anyhow::Result<String> {
+    match tokio::time::timeout(Duration::from_secs(5), ep.recv()).await {
+        Ok(Err(SdkError::Refused { reason, .. })) => Ok(reason.as_str().to_owned()),
+        Ok(other) => bail!("expected a refusal, got {other:?}"),
+        Err(_) => Ok("none".to_owned()),
+    }
+}
+
+async fn exhaust(args: &Args, len: u64) -> anyhow::Result<Endpoint> {
+    let ep = register(args, args.job, "exhauster", None).await?;
+    let mut held = Vec::new();
+    let error = loop {
+        match ep.alloc(len).await {
+            Ok(buffer) => held.push(buffer),
+            Err(err) => break err,
+        }
+        if held.len() > 100_000 {
+            bail!("no limit reached after 100000 buffers");
+        }
+    };
+    let code = match &error {
+        SdkError::Rejected { code, .. } => json!(code),
+        other => json!(format!("{other:?}")),
+    };
+    let allocated = held.len();
+
+    // Give one back; the next allocation and a send then succeed.
+    held.pop();
+    let mut buffer = ep.alloc(len).await.context("alloc after release")?;
+    fill_payload(42, buffer.as_mut_bytes());
+    ep.send(ep.id(), buffer, update_meta(42)).await?;
+    let update = tokio::time::timeout(Duration::from_secs(5), ep.recv()).await??;
+    let round_trip = payload_matches(42, update.as_bytes());
+
+    emit(
+        json!({"event": "result", "allocated": allocated, "code": code,
+                "message": error.to_string(), "retryable": error.is_retryable(),
+                "fault": format!("{:?}", error.fault()), "round_trip_after_release": round_trip}),
+    );
+    Ok(ep)
+}

@@ -1,0 +1,286 @@
+//! End-to-end tests of the node data path: a real sidecar, real peer
+//! processes, and (as root) the real SK_MSG program. Every scenario runs on
+//! both data paths; the user-space one runs every process unprivileged.
+
+// Scenario helpers are test code too: a failed step should fail loudly.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use lifl_integration::{Mode, Peer, SidecarProcess};
+use serde_json::Value;
+
+const SLOW: Duration = Duration::from_secs(120);
+const QUICK: Duration = Duration::from_secs(20);
+
+fn sidecar(mode: Mode) -> Option<SidecarProcess> {
+    mode.available().then(|| {
+        SidecarProcess::builder(mode)
+            .start()
+            .expect("sidecar starts")
+    })
+}
+
+fn two_processes_exchange_100k_descriptors(mode: Mode) {
+    let Some(sidecar) = sidecar(mode) else { return };
+    const COUNT: &str = "100000";
+
+    let mut receiver =
+        Peer::start(&sidecar, &["recv", "--endpoint", "20", "--count", COUNT]).unwrap();
+    let ready = receiver.expect("ready", QUICK).unwrap();
+    assert_eq!(ready["dataplane"], mode.dataplane());
+    let mut sender = Peer::start(
+        &sidecar,
+        &["send", "--endpoint", "10", "--to", "20", "--count", COUNT],
+    )
+    .unwrap();
+
+    let sent = sender.expect("done", SLOW).unwrap();
+    let received = receiver.expect("done", SLOW).unwrap();
+    assert_eq!(sent["sent"], 100_000);
+    assert_eq!(received["received"], 100_000);
+    assert_eq!(
+        received["bad_payloads"], 0,
+        "every payload byte must arrive intact"
+    );
+    assert_eq!(received["out_of_order"], 0);
+
+    // Who moved them: the kernel on the sk_msg path, the sidecar otherwise.
+    let stats = sidecar.stats().unwrap();
+    let sender_stats = stats.endpoints.iter().find(|e| e.endpoint == 10).unwrap();
+    match mode {
+        Mode::Kernel => {
+            assert_eq!(sender_stats.kernel_routed, 100_000, "{stats:#?}");
+            assert_eq!(sender_stats.kernel_passed, 0);
+            assert_eq!(stats.routed_by_sidecar, 0);
+        }
+        Mode::Userspace => assert_eq!(stats.routed_by_sidecar, 100_000),
+    }
+    assert!(
+        stats.refused.is_empty(),
+        "nothing refused: {:?}",
+        stats.refused
+    );
+
+    sender.finish().unwrap();
+    receiver.finish().unwrap();
+    let idle = sidecar
+        .wait_for_stats(QUICK, |s| {
+            s.endpoints.is_empty() && s.jobs.iter().all(|j| j.used_bytes == 0)
+        })
+        .unwrap();
+    assert!(
+        idle.endpoints.is_empty() && idle.jobs.iter().all(|j| j.refs == 0),
+        "{idle:#?}"
+    );
+    assert!(
+        sidecar.stop().unwrap().success(),
+        "SIGTERM stops the sidecar with exit 0"
+    );
+}
+
+#[test]
+fn kernel_two_processes_exchange_100k_descriptors() {
+    two_processes_exchange_100k_descriptors(Mode::Kernel);
+}
+
+#[test]
+fn userspace_two_processes_exchange_100k_descriptors() {
+    two_processes_exchange_100k_descriptors(Mode::Userspace);
+}
+
+fn descriptor_to_another_job_is_refused_and_never_delivered(mode: Mode) {
+    let Some(sidecar) = sidecar(mode) else { return };
+    let mut peer = Peer::start(&sidecar, &["--job", "1", "cross-job", "--other-job", "2"]).unwrap();
+    let result = peer.expect("result", QUICK).unwrap();
+    assert_eq!(result["refusal"], "cross_job");
+    assert_eq!(result["delivered_across_jobs"], false);
+    assert_eq!(
+        result["same_job_after_refusal"], true,
+        "a refusal must not poison the socket"
+    );
+
+    let stats = sidecar.stats().unwrap();
+    assert_eq!(
+        stats.refused.get(&lifl_sdk::RefuseReason::CrossJob),
+        Some(&1)
+    );
+    let sender = result["endpoints"]["sender"].as_u64().unwrap() as u32;
+    let sender = stats
+        .endpoints
+        .iter()
+        .find(|e| e.endpoint == sender)
+        .unwrap();
+    if mode == Mode::Kernel {
+        assert_eq!(sender.kernel_refused, 1, "the kernel counts its refusal");
+        assert_eq!(sender.kernel_routed, 1, "and routes the same-job send");
+    }
+    peer.finish().unwrap();
+}
+
+#[test]
+fn kernel_descriptor_to_another_job_is_refused_and_never_delivered() {
+    descriptor_to_another_job_is_refused_and_never_delivered(Mode::Kernel);
+}
+
+#[test]
+fn userspace_descriptor_to_another_job_is_refused_and_never_delivered() {
+    descriptor_to_another_job_is_refused_and_never_delivered(Mode::Userspace);
+}
+
+fn killed_client_has_its_buffers_released(mode: Mode) {
+    let Some(sidecar) = sidecar(mode) else { return };
+    let mut holder = Peer::start(&sidecar, &["--job", "3", "hold", "--buffers", "40"]).unwrap();
+    let holding = holder.expect("holding", QUICK).unwrap();
+    let ids: Vec<u32> = holding["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+
+    let before = sidecar.stats().unwrap();
+    let job = before.jobs.iter().find(|j| j.job == 3).unwrap();
+    assert_eq!(job.buffers, 40);
+    assert_eq!(job.used_bytes, 40 * 4096);
+    if mode == Mode::Kernel {
+        assert!(
+            ids.iter().all(|id| before.sockmap_endpoints.contains(id)),
+            "{before:#?}"
+        );
+    }
+
+    holder.kill9().unwrap();
+    let after = sidecar
+        .wait_for_stats(QUICK, |s| {
+            s.endpoints.is_empty()
+                && s.jobs.iter().all(|j| j.used_bytes == 0)
+                && s.sockmap_endpoints.is_empty()
+        })
+        .unwrap();
+    assert!(after.endpoints.is_empty(), "{after:#?}");
+    assert!(
+        after.jobs.iter().all(|j| j.used_bytes == 0 && j.refs == 0),
+        "{after:#?}"
+    );
+    assert!(
+        after.sockmap_endpoints.is_empty(),
+        "sockets left in the map: {after:#?}"
+    );
+}
+
+#[test]
+fn kernel_killed_client_has_its_buffers_released() {
+    killed_client_has_its_buffers_released(Mode::Kernel);
+}
+
+#[test]
+fn userspace_killed_client_has_its_buffers_released() {
+    killed_client_has_its_buffers_released(Mode::Userspace);
+}
+
+fn exhaustion(mode: Mode, sidecar: SidecarProcess, len: &str, code: &str, allocated: u64) {
+    let mut peer = Peer::start(&sidecar, &["exhaust", "--len", len]).unwrap();
+    let result: Value = peer.expect("result", QUICK).unwrap();
+    assert_eq!(result["code"], code, "{result}");
+    assert_eq!(result["allocated"], allocated, "{result}");
+    assert_eq!(result["retryable"], true);
+    assert_eq!(result["fault"], "Capacity");
+    assert_eq!(
+        result["round_trip_after_release"], true,
+        "{mode:?}: sends work again"
+    );
+    peer.finish().unwrap();
+}
+
+#[test]
+fn arena_exhaustion_is_a_clear_error_and_release_recovers() {
+    for mode in [Mode::Kernel, Mode::Userspace] {
+        if !mode.available() {
+            continue;
+        }
+        // 1 MiB holds a 4 KiB header and three 256 KiB buffers.
+        let sidecar = SidecarProcess::builder(mode)
+            .arena_bytes("1MiB")
+            .start()
+            .unwrap();
+        exhaustion(mode, sidecar, "262144", "arena_full", 3);
+    }
+}
+
+#[test]
+fn endpoint_credit_exhaustion_is_a_clear_error_and_release_recovers() {
+    for mode in [Mode::Kernel, Mode::Userspace] {
+        if !mode.available() {
+            continue;
+        }
+        let sidecar = SidecarProcess::builder(mode)
+            .endpoint_credit(5)
+            .start()
+            .unwrap();
+        exhaustion(mode, sidecar, "64", "credit_exhausted", 5);
+    }
+}
+
+fn malformed_descriptors_are_refused_and_counted(mode: Mode) {
+    let Some(sidecar) = sidecar(mode) else { return };
+    let mut peer = Peer::start(&sidecar, &["malformed"]).unwrap();
+    let result = peer.expect("result", QUICK).unwrap();
+    let observed = &result["observed"];
+    for (case, reason) in [
+        ("bad_magic", "bad_magic"),
+        ("bad_version", "bad_version"),
+        ("bad_kind", "bad_kind"),
+        ("spoofed_source", "spoofed_source"),
+        ("unknown_endpoint", "unknown_endpoint"),
+        ("out_of_bounds_offset", "out_of_bounds"),
+        ("out_of_bounds_len", "out_of_bounds"),
+        ("not_holder", "not_holder"),
+        ("short", "short"),
+    ] {
+        assert_eq!(observed[case], reason, "{mode:?} {case}: {result}");
+    }
+    assert_eq!(
+        result["delivered"], false,
+        "nothing malformed reaches the target"
+    );
+
+    let stats = sidecar.stats().unwrap();
+    let counted: Vec<(&str, u64)> = stats
+        .refused
+        .iter()
+        .map(|(r, n)| (r.as_str(), *n))
+        .collect();
+    assert_eq!(
+        counted,
+        vec![
+            ("short", 1),
+            ("bad_magic", 1),
+            ("bad_version", 1),
+            ("bad_kind", 1),
+            ("spoofed_source", 1),
+            ("unknown_endpoint", 1),
+            ("out_of_bounds", 2),
+            ("not_holder", 1),
+        ]
+    );
+    if mode == Mode::Kernel {
+        let passed: u64 = stats.endpoints.iter().map(|e| e.kernel_passed).sum();
+        assert_eq!(
+            passed, 9,
+            "the kernel handed each one to the sidecar: {stats:#?}"
+        );
+    }
+    peer.finish().unwrap();
+    assert!(sidecar.stop().unwrap().success());
+}
+
+#[test]
+fn kernel_malformed_descriptors_are_refused_and_counted() {
+    malformed_descriptors_are_refused_and_counted(Mode::Kernel);
+}
+
+#[test]
+fn userspace_malformed_descriptors_are_refused_and_counted() {
+    malformed_descriptors_are_refused_and_counted(Mode::Userspace);
+}
