@@ -978,3 +978,137 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
     }
     text
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::tests::good_draft;
+    use crate::store::MemoryStore;
+
+    async fn coordinator(config: CoordinatorConfig) -> (Arc<Coordinator>, Arc<MemoryStore>) {
+        let store = Arc::new(MemoryStore::new());
+        let coordinator = Coordinator::open(Arc::clone(&store) as Arc<dyn Store>, config)
+            .await
+            .unwrap();
+        (coordinator, store)
+    }
+
+    fn node(id: &str) -> Node {
+        Node {
+            id: id.to_owned(),
+            cores: 8,
+            arena_bytes: 1 << 30,
+            gateway_address: format!("{id}:7500"),
+            peer_address: format!("{id}:7501"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_is_offline_after_missing_its_heartbeats_and_back_on_the_next() {
+        let config = CoordinatorConfig {
+            heartbeat_interval: Duration::from_secs(1),
+            missed_heartbeats: 3,
+            ..CoordinatorConfig::default()
+        };
+        let (coordinator, _) = coordinator(config).await;
+        coordinator.register_node(node("n1")).await.unwrap();
+
+        tokio::time::advance(Duration::from_millis(2900)).await;
+        coordinator.check_liveness().await;
+        assert!(coordinator.nodes().await[0].online);
+
+        tokio::time::advance(Duration::from_millis(200)).await;
+        coordinator.check_liveness().await;
+        assert!(!coordinator.nodes().await[0].online);
+
+        // Offline nodes get no work.
+        let (job, _) = coordinator.create_job(&good_draft()).await.unwrap();
+        let err = coordinator.join_round(job.id, "t").await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                CoordinatorError::Plan {
+                    source: PlanError::NoNode,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+
+        coordinator.heartbeat("n1").await.unwrap();
+        assert!(coordinator.nodes().await[0].online);
+        coordinator.join_round(job.id, "t").await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_round_without_a_result_past_its_deadline_fails_the_job() {
+        let config = CoordinatorConfig {
+            round_grace: Duration::ZERO,
+            ..CoordinatorConfig::default()
+        };
+        let (coordinator, store) = coordinator(config).await;
+        coordinator.register_node(node("n1")).await.unwrap();
+        let mut draft = good_draft();
+        draft.round_deadline_ms = 1;
+        let (job, _) = coordinator.create_job(&draft).await.unwrap();
+        coordinator.join_round(job.id, "t").await.unwrap();
+        let mut events = coordinator.subscribe();
+
+        // The deadline is 1 ms of wall clock: poll until the check sees it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while coordinator.job(job.id).await.unwrap().state != JobState::Failed {
+            assert!(Instant::now() < deadline, "the job never failed");
+            coordinator.check_liveness().await;
+            tokio::task::yield_now().await;
+        }
+        let failed = coordinator.job(job.id).await.unwrap();
+        assert_eq!(
+            failed.failure,
+            "round 1 passed its deadline without a result (1 trainers joined, 80 needed)"
+        );
+        assert_eq!(store.load().await.unwrap().jobs[0], failed);
+        let Ok(Event::StateChanged { job, from }) = events.recv().await else {
+            panic!("expected a state change");
+        };
+        assert_eq!((from, job.state), (JobState::Running, JobState::Failed));
+    }
+
+    #[tokio::test]
+    async fn a_failed_store_write_changes_nothing() {
+        #[derive(Debug)]
+        struct BrokenStore;
+        impl Store for BrokenStore {
+            fn load(&self) -> crate::store::StoreFuture<'_, crate::store::Snapshot> {
+                Box::pin(async { Ok(crate::store::Snapshot::default()) })
+            }
+            fn put_job(&self, _: &Job) -> crate::store::StoreFuture<'_, ()> {
+                Box::pin(async {
+                    Err(StoreError::Transaction {
+                        operation: "write job".to_owned(),
+                        source: "disk full".into(),
+                    })
+                })
+            }
+            fn put_node(&self, _: &Node) -> crate::store::StoreFuture<'_, ()> {
+                Box::pin(async { Ok(()) })
+            }
+        }
+
+        let coordinator = Coordinator::open(Arc::new(BrokenStore), CoordinatorConfig::default())
+            .await
+            .unwrap();
+        let err = coordinator.create_job(&good_draft()).await.unwrap_err();
+        assert_eq!(error_chain(&err), "store write job failed: disk full");
+        assert!(coordinator.jobs().await.is_empty());
+    }
+
+    #[test]
+    fn host_port_needs_a_host_and_a_non_zero_port() {
+        assert!(is_host_port("10.0.0.1:7500"));
+        assert!(is_host_port("[::1]:80"));
+        assert!(is_host_port("node-a.local:1"));
+        for bad in ["", ":80", "host", "host:0", "host:70000", "a b:80"] {
+            assert!(!is_host_port(bad), "{bad:?}");
+        }
+    }
+}
