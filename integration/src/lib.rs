@@ -123,6 +123,7 @@ pub struct SidecarBuilder {
     mode: Mode,
     arena_bytes: String,
     endpoint_credit: Option<u64>,
+    hugepages: bool,
     extra: Vec<String>,
 }
 
@@ -133,6 +134,7 @@ impl SidecarProcess {
             mode,
             arena_bytes: "64MiB".into(),
             endpoint_credit: None,
+            hugepages: false,
             extra: vec![],
         }
     }
@@ -188,6 +190,13 @@ impl SidecarBuilder {
         self
     }
 
+    /// Lets the sidecar back arenas with hugepages. Off by default, so tests
+    /// running side by side never take each other's reserved hugepages.
+    pub fn hugepages(mut self, on: bool) -> Self {
+        self.hugepages = on;
+        self
+    }
+
     /// Any further flags.
     pub fn arg(mut self, arg: &str) -> Self {
         self.extra.push(arg.into());
@@ -210,6 +219,9 @@ impl SidecarBuilder {
         cmd.args(["--dataplane", dataplane, "--arena-bytes", &self.arena_bytes]);
         if let Some(credit) = self.endpoint_credit {
             cmd.args(["--endpoint-credit", &credit.to_string()]);
+        }
+        if !self.hugepages {
+            cmd.arg("--no-hugepages");
         }
         cmd.args(&self.extra);
         cmd.env(

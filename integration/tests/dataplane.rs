@@ -284,3 +284,50 @@ fn kernel_malformed_descriptors_are_refused_and_counted() {
 fn userspace_malformed_descriptors_are_refused_and_counted() {
     malformed_descriptors_are_refused_and_counted(Mode::Userspace);
 }
+
+/// Restores `vm.nr_hugepages` when dropped.
+struct HugepageReservation(String);
+
+impl HugepageReservation {
+    const PATH: &'static str = "/proc/sys/vm/nr_hugepages";
+
+    fn add(pages: u64) -> Self {
+        let before = std::fs::read_to_string(Self::PATH)
+            .unwrap()
+            .trim()
+            .to_owned();
+        let wanted = before.parse::<u64>().unwrap() + pages;
+        std::fs::write(Self::PATH, wanted.to_string()).unwrap();
+        Self(before)
+    }
+}
+
+impl Drop for HugepageReservation {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::PATH, &self.0);
+    }
+}
+
+#[test]
+fn arena_is_hugepage_backed_when_the_machine_has_hugepages() {
+    if !lifl_integration::is_root() {
+        eprintln!("skipping: reserving hugepages needs root");
+        return;
+    }
+    // 24 pages of 2 MiB: room for a 16 MiB arena whatever else is reserved.
+    let _reserved = HugepageReservation::add(24);
+    let sidecar = SidecarProcess::builder(Mode::Kernel)
+        .arena_bytes("16MiB")
+        .hugepages(true)
+        .start()
+        .unwrap();
+    let mut holder = Peer::start(&sidecar, &["--job", "5", "hold", "--buffers", "8"]).unwrap();
+    holder.expect("holding", QUICK).unwrap();
+
+    let stats = sidecar.stats().unwrap();
+    let job = stats.jobs.iter().find(|j| j.job == 5).unwrap();
+    assert_eq!(job.page_bytes, 2 << 20, "{stats:#?}");
+    assert_eq!(job.arena_bytes, 16 << 20);
+    assert_eq!(job.buffers, 8, "buffers written and moved on hugepages");
+    holder.kill9().unwrap();
+}

@@ -39,13 +39,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let listener = bind(&config.socket)?;
     tracing::info!(socket = %config.socket.display(), "serving registrations");
+    // Handlers first: whoever is told "ready" may send SIGTERM at once.
+    let stop = stop_signal()?;
     notify_ready();
 
     let shutdown = CancellationToken::new();
     tokio::spawn(sweep_orphans(node.clone(), shutdown.clone()));
     let server = tokio::spawn(server::serve(node, listener, shutdown.clone()));
 
-    wait_for_signal().await?;
+    stop.await;
     tracing::info!("shutting down");
     shutdown.cancel();
     let _ = server.await;
@@ -119,14 +121,16 @@ fn notify_ready() {
     }
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
+/// Installs the SIGTERM and SIGINT handlers; the future completes on either.
+fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    Ok(())
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
 }
 
 async fn sweep_orphans(node: Arc<Node>, shutdown: CancellationToken) {
