@@ -38,3 +38,9 @@ test: build
 bench-dataplane:
     cargo build --release --workspace --bins
     ./target/release/lifl-bench-dataplane --bin-dir target/release
+
+# Control-plane figures as JSON: round assignments per second while 10,000
+# trainers join one round, and create-job latency on the durable store.
+bench-control-plane:
+    cargo build --release -p lifl-control-plane --bin lifl-bench-control-plane
+    ./target/release/lifl-bench-control-plane
