@@ -5,6 +5,13 @@
 //! leaked store file does not leak working tokens. Auth is on exactly when an
 //! admin token is configured; without one every call is allowed, which suits a
 //! loopback development server and nothing else.
+//!
+//! LIMITATION: the server speaks plaintext gRPC, so bearer tokens cross the
+//! network in the clear, and sidecars authenticate with the admin token (there
+//! are no per-node tokens), so any sidecar can also manage jobs. Nobody
+//! notices until a token is sniffed or a node misbehaves; it is acceptable on
+//! a trusted cluster network while the data plane is built. tonic TLS
+//! (`tls-ring`) and node-scoped tokens minted at registration would fix it.
 
 use std::fmt;
 

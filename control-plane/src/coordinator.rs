@@ -8,6 +8,11 @@
 //! interleave. Joins of an open round touch only memory, which keeps them
 //! cheap: the round's record learns its join count when the round finishes.
 //!
+//! A round ends when the top aggregator's node reports it (`CompleteRound`)
+//! with at least the job's minimum of updates. A round still open past its
+//! deadline plus a grace period fails the whole job: the data plane is the one
+//! that aggregates k of n at the deadline, so silence means it could not.
+//!
 //! LIMITATION: which trainers joined the open round lives only in memory. After
 //! a restart the round stays open with its tree, but trainers that joined
 //! before are unknown: a trainer that joins again gets a fresh assignment

@@ -1,7 +1,7 @@
 //! The gRPC face of the control plane: each method validates its request,
 //! calls the [`Coordinator`](crate::coordinator::Coordinator), and converts
-//! the answer. Errors become a `Status` in one place ([`status`]); message
-//! conversion lives in [`convert`].
+//! the answer. Errors become a `Status` in one place (`status`); message
+//! conversion lives in `convert`.
 
 mod convert;
 mod jobs;
