@@ -420,3 +420,26 @@ pub fn payload_matches(seq: u64, bytes: &[u8]) -> bool {
     fill_payload(seq, &mut expected);
     expected == bytes
 }
+
+/// Percentiles of one-way latency, from measured round trips.
+#[derive(Debug)]
+pub struct LatencySummary;
+
+impl LatencySummary {
+    /// p50, p99 and mean of half of each round trip, in microseconds.
+    pub fn one_way(rtts: &mut [Duration]) -> Value {
+        if rtts.is_empty() {
+            return Value::Null;
+        }
+        rtts.sort_unstable();
+        let us = |d: Duration| d.as_secs_f64() * 1e6 / 2.0;
+        let at = |q: f64| us(rtts[((rtts.len() - 1) as f64 * q).round() as usize]);
+        let mean = rtts.iter().map(|&d| us(d)).sum::<f64>() / rtts.len() as f64;
+        serde_json::json!({
+            "samples": rtts.len(),
+            "p50_us": at(0.50),
+            "p99_us": at(0.99),
+            "mean_us": mean,
+        })
+    }
+}

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use lifl_integration::{emit, fill_payload, payload_matches};
+use lifl_integration::{emit, fill_payload, payload_matches, LatencySummary};
 use lifl_proto::descriptor::{DescKind, Descriptor, DESC_MAGIC, DESC_VERSION};
 use lifl_sdk::{Endpoint, Fault, Registration, SdkError, UpdateMeta};
 use serde_json::json;
@@ -17,7 +17,7 @@ use serde_json::json;
 #[derive(Debug, Parser)]
 struct Args {
     /// The sidecar's registration socket.
-    #[arg(long)]
+    #[arg(long, default_value = "/run/lifl/sidecar.sock")]
     socket: PathBuf,
     /// Job to register for.
     #[arg(long, default_value_t = 1)]
@@ -66,14 +66,45 @@ enum Scenario {
         #[arg(long)]
         len: u64,
     },
+    /// Send every update received straight back to its sender.
+    Pong {
+        #[arg(long)]
+        endpoint: u32,
+    },
+    /// Measure round trips to a `pong` endpoint: `count` one at a time, then
+    /// `count` more with `window` in flight.
+    Ping {
+        #[arg(long)]
+        endpoint: u32,
+        #[arg(long)]
+        to: u32,
+        #[arg(long)]
+        count: u64,
+        #[arg(long, default_value_t = 64)]
+        window: u64,
+    },
+    /// Echo 64-byte messages on a TCP connection to `connect`.
+    TcpEcho {
+        #[arg(long)]
+        connect: std::net::SocketAddr,
+    },
+    /// The same two measurements as `ping` over a plain loopback TCP
+    /// connection to a `tcp-echo` process.
+    TcpPing {
+        #[arg(long)]
+        count: u64,
+        #[arg(long, default_value_t = 64)]
+        window: u64,
+    },
 }
 
 const QUIET: Duration = Duration::from_millis(300);
 
 fn main() {
     let args = Args::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread: every process of a scenario gets the same, simplest
+    // scheduler, and latency figures carry no cross-thread wake-ups.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("a runtime builds");
@@ -107,6 +138,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Scenario::CrossJob { other_job } => cross_job(&args, other_job).await?,
         Scenario::Malformed => malformed(&args).await?,
         Scenario::Exhaust { len } => vec![exhaust(&args, len).await?],
+        Scenario::Pong { endpoint } => vec![pong(&args, endpoint).await?],
+        Scenario::Ping {
+            endpoint,
+            to,
+            count,
+            window,
+        } => {
+            vec![ping(&args, endpoint, to, count, window).await?]
+        }
+        Scenario::TcpEcho { connect } => {
+            tcp_echo(connect).await?;
+            return Ok(());
+        }
+        Scenario::TcpPing { count, window } => {
+            tcp_ping(count, window).await?;
+            vec![]
+        }
     };
     tokio::task::spawn_blocking(|| std::io::stdin().read_to_end(&mut Vec::new())).await??;
     Ok(())
@@ -319,4 +367,103 @@ async fn exhaust(args: &Args, len: u64) -> anyhow::Result<Endpoint> {
                 "fault": format!("{:?}", error.fault()), "round_trip_after_release": round_trip}),
     );
     Ok(ep)
+}
+
+async fn pong(args: &Args, id: u32) -> anyhow::Result<Endpoint> {
+    let ep = register(args, args.job, "pong", Some(id)).await?;
+    emit(json!({"event": "ready", "endpoint": ep.id(), "dataplane": ep.dataplane()}));
+    // Serve until the descriptor socket closes (the sidecar stops).
+    while let Ok(update) = ep.recv().await {
+        let (to, meta) = (update.src(), update.meta());
+        ep.send(to, update, meta).await?;
+    }
+    Ok(ep)
+}
+
+async fn ping(args: &Args, id: u32, to: u32, count: u64, window: u64) -> anyhow::Result<Endpoint> {
+    let ep = register(args, args.job, "ping", Some(id)).await?;
+    let meta = update_meta(0);
+
+    // One in flight: each round trip timed alone.
+    let mut rtts = Vec::with_capacity(count as usize);
+    let mut buffer = ep.alloc(64).await?;
+    fill_payload(0, buffer.as_mut_bytes());
+    ep.send(to, buffer, meta).await?;
+    let mut update = ep.recv().await?;
+    for _ in 0..count {
+        let started = Instant::now();
+        ep.send(to, update, meta).await?;
+        update = ep.recv().await?;
+        rtts.push(started.elapsed());
+    }
+    drop(update);
+
+    // `window` in flight: descriptors moved per second, both directions.
+    for _ in 0..window {
+        ep.send(to, ep.alloc(64).await?, meta).await?;
+    }
+    let started = Instant::now();
+    for _ in 0..count {
+        let update = ep.recv().await?;
+        ep.send(to, update, meta).await?;
+    }
+    let elapsed = started.elapsed();
+    emit(json!({"event": "done", "dataplane": ep.dataplane(),
+                "latency": LatencySummary::one_way(&mut rtts),
+                "msgs_per_sec": (2 * count) as f64 / elapsed.as_secs_f64()}));
+    Ok(ep)
+}
+
+async fn tcp_ping(count: u64, window: u64) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    // The echo side runs in its own process, like `pong`.
+    let mut echo = std::process::Command::new(std::env::current_exe()?)
+        .args(["tcp-echo", "--connect", &addr.to_string()])
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    let (mut stream, _) = listener.accept().await?;
+    stream.set_nodelay(true)?;
+    let mut msg = [0u8; 64];
+
+    let mut rtts = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let started = Instant::now();
+        stream.write_all(&msg).await?;
+        stream.read_exact(&mut msg).await?;
+        rtts.push(started.elapsed());
+    }
+
+    for _ in 0..window {
+        stream.write_all(&msg).await?;
+    }
+    let started = Instant::now();
+    for _ in 0..count {
+        stream.read_exact(&mut msg).await?;
+        stream.write_all(&msg).await?;
+    }
+    let elapsed = started.elapsed();
+    for _ in 0..window {
+        stream.read_exact(&mut msg).await?;
+    }
+    drop(stream);
+    echo.wait()?;
+    emit(json!({"event": "done", "dataplane": "tcp_loopback",
+                "latency": LatencySummary::one_way(&mut rtts),
+                "msgs_per_sec": (2 * count) as f64 / elapsed.as_secs_f64()}));
+    Ok(())
+}
+
+async fn tcp_echo(addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let mut msg = [0u8; 64];
+    while stream.read_exact(&mut msg).await.is_ok() {
+        stream.write_all(&msg).await?;
+    }
+    Ok(())
 }
