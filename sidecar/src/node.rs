@@ -698,3 +698,232 @@ fn refuse_reason(err: DescError) -> RefuseReason {
         DescError::UnknownKind(_) => RefuseReason::BadKind,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routes::UserRoutes;
+    use lifl_proto::descriptor::{DescKind, DESC_MAGIC, DESC_VERSION};
+    use std::os::fd::AsFd;
+
+    struct Harness {
+        node: Node,
+        // Stand-in client socket: user-space routes never look at it.
+        socket: std::os::unix::net::UnixStream,
+        notices: Vec<mpsc::Receiver<Reply>>,
+        inboxes: Vec<mpsc::UnboundedReceiver<Descriptor>>,
+    }
+
+    impl Harness {
+        fn new(credit: u64) -> Self {
+            let config = NodeConfig {
+                arena_bytes: 1 << 20,
+                endpoint_credit: credit,
+                max_refs: 64,
+                hugepages: false,
+            };
+            let (socket, _) = std::os::unix::net::UnixStream::pair().unwrap();
+            let node = Node::new(config, Box::new(UserRoutes::default()));
+            Self {
+                node,
+                socket,
+                notices: vec![],
+                inboxes: vec![],
+            }
+        }
+
+        fn register(&mut self, job: u32) -> (u32, u64) {
+            let (descriptors, inbox) = mpsc::unbounded_channel();
+            let (notices, notice_rx) = mpsc::channel(16);
+            let registered = self
+                .node
+                .register(Registration {
+                    job,
+                    role: "test".into(),
+                    endpoint: None,
+                    pid: 1,
+                    uid: 0,
+                    client_port: 1000 + self.inboxes.len() as u16,
+                    client: self.socket.as_fd(),
+                    link: EndpointLink {
+                        descriptors,
+                        notices,
+                    },
+                })
+                .unwrap();
+            self.inboxes.push(inbox);
+            self.notices.push(notice_rx);
+            (registered.endpoint, registered.incarnation)
+        }
+
+        fn used(&self, job: u32) -> u64 {
+            let stats = self.node.stats();
+            stats
+                .jobs
+                .iter()
+                .find(|j| j.job == job)
+                .map_or(0, |j| j.used_bytes)
+        }
+    }
+
+    fn descriptor(src: u32, dst: u32, job: u32, grant: Grant) -> Descriptor {
+        Descriptor {
+            dst,
+            src,
+            magic: DESC_MAGIC,
+            version: DESC_VERSION,
+            kind: DescKind::Update as u16,
+            job,
+            round: 1,
+            ref_slot: grant.slot,
+            ref_gen: grant.gen,
+            offset: grant.offset,
+            len: grant.len,
+            samples: 10,
+            seq: 5,
+        }
+    }
+
+    #[test]
+    fn credit_runs_out_with_a_clear_code_and_comes_back_on_release() {
+        let mut h = Harness::new(2);
+        let (a, _) = h.register(1);
+        let first = h.node.alloc(a, 10).unwrap();
+        h.node.alloc(a, 10).unwrap();
+        let err = h.node.alloc(a, 10).unwrap_err();
+        assert_eq!(err.code, ErrorCode::CreditExhausted);
+        assert!(err.message.contains("whole credit"), "{}", err.message);
+
+        assert_eq!(h.node.release(a, &[(first.slot, first.gen)]), 0);
+        assert!(h.node.alloc(a, 10).is_ok());
+    }
+
+    #[test]
+    fn a_shared_buffer_lives_until_its_last_reference_is_released() {
+        let mut h = Harness::new(8);
+        let (a, _) = h.register(1);
+        let grant = h.node.alloc(a, 100).unwrap();
+        let second = h.node.share(a, grant.slot, grant.gen).unwrap();
+        assert_eq!((second.offset, second.len), (grant.offset, grant.len));
+        assert_ne!(second.slot, grant.slot);
+
+        h.node.release(a, &[(grant.slot, grant.gen)]);
+        assert_eq!(h.used(1), 4096, "one reference still holds the buffer");
+        h.node.release(a, &[(second.slot, second.gen)]);
+        assert_eq!(h.used(1), 0);
+    }
+
+    #[test]
+    fn only_the_holder_can_release_and_a_stale_generation_is_refused() {
+        let mut h = Harness::new(8);
+        let (a, _) = h.register(1);
+        let (b, _) = h.register(1);
+        let grant = h.node.alloc(a, 100).unwrap();
+        assert_eq!(h.node.release(b, &[(grant.slot, grant.gen)]), 1);
+        assert_eq!(h.node.release(a, &[(grant.slot, grant.gen + 1)]), 1);
+        assert_eq!(h.used(1), 4096);
+        assert_eq!(h.node.release(a, &[(grant.slot, grant.gen)]), 0);
+        assert_eq!(h.used(1), 0);
+    }
+
+    #[test]
+    fn forwarding_moves_the_reference_to_the_destination() {
+        let mut h = Harness::new(8);
+        let (a, _) = h.register(1);
+        let (b, _) = h.register(1);
+        let grant = h.node.alloc(a, 100).unwrap();
+        let desc = descriptor(a, b, 1, grant);
+
+        assert!(matches!(h.node.judge(a, desc.as_bytes()), Verdict::Forward(d, _) if d == desc));
+        assert_eq!(
+            h.node.release(a, &[(grant.slot, grant.gen)]),
+            1,
+            "a gave it away"
+        );
+        assert_eq!(
+            h.node.release(b, &[(grant.slot, grant.gen)]),
+            0,
+            "b holds it now"
+        );
+        assert_eq!(h.node.stats().routed_by_sidecar, 1);
+    }
+
+    #[test]
+    fn a_cross_job_descriptor_is_refused_counted_and_its_buffer_freed() {
+        let mut h = Harness::new(8);
+        let (a, _) = h.register(1);
+        let (c, _) = h.register(2);
+        let grant = h.node.alloc(a, 100).unwrap();
+        let desc = descriptor(a, c, 1, grant);
+
+        assert!(matches!(
+            h.node.judge(a, desc.as_bytes()),
+            Verdict::Refused(RefuseReason::CrossJob)
+        ));
+        assert_eq!(
+            h.node.stats().refused.get(&RefuseReason::CrossJob),
+            Some(&1)
+        );
+        assert_eq!(h.used(1), 0, "the refused reference is freed, not leaked");
+        let notice = h.notices[0].try_recv().unwrap();
+        assert_eq!(
+            notice,
+            Reply::Refused {
+                seq: 5,
+                dst: c,
+                reason: RefuseReason::CrossJob
+            }
+        );
+        assert!(
+            h.inboxes[1].try_recv().is_err(),
+            "nothing reaches the other job"
+        );
+    }
+
+    #[test]
+    fn a_departed_endpoint_has_everything_it_held_released() {
+        let mut h = Harness::new(8);
+        let (a, a_inc) = h.register(1);
+        let (b, b_inc) = h.register(1);
+        let kept = h.node.alloc(a, 100).unwrap();
+        let moved = h.node.alloc(a, 100).unwrap();
+        let Verdict::Forward(..) = h.node.judge(a, descriptor(a, b, 1, moved).as_bytes()) else {
+            panic!("a valid descriptor is forwarded");
+        };
+        assert_eq!(h.used(1), 8192);
+
+        h.node.unregister(a, a_inc);
+        assert_eq!(
+            h.used(1),
+            4096,
+            "a's own buffer is freed; the one it sent is b's"
+        );
+        h.node.unregister(b, b_inc + 100);
+        assert_eq!(
+            h.used(1),
+            4096,
+            "a stale incarnation leaves the live endpoint alone"
+        );
+        h.node.unregister(b, b_inc);
+        assert!(
+            h.node.stats().jobs.is_empty(),
+            "an idle job's arena is dropped"
+        );
+        let _ = kept;
+    }
+
+    #[test]
+    fn references_held_by_unknown_endpoints_are_swept() {
+        let mut h = Harness::new(8);
+        let (a, _) = h.register(1);
+        let grant = h.node.alloc(a, 100).unwrap();
+        // As if the kernel had moved it to an endpoint that then vanished.
+        let entry = RefEntry {
+            holder: 77,
+            ..h.node.routes.get_ref(grant.slot).unwrap()
+        };
+        h.node.routes.set_ref(grant.slot, entry).unwrap();
+        assert_eq!(h.node.sweep_orphans(), 1);
+        assert_eq!(h.used(1), 0);
+    }
+}
