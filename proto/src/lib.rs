@@ -6,6 +6,8 @@
 //!   the checked mapping that readers and writers go through.
 //! - [`control`]: the messages an endpoint exchanges with its node's sidecar
 //!   over the registration socket.
+//! - [`v1`]: the control plane's gRPC contract (`lifl.v1`), generated from
+//!   `proto/lifl/v1/*.proto`.
 
 pub mod arena;
 pub mod control;

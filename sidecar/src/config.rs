@@ -30,6 +30,11 @@ pub struct Config {
     #[arg(long, env = "LIFL_SIDECAR_SOCKET", default_value = DEFAULT_SOCKET)]
     pub socket: PathBuf,
 
+    /// Group that owns the registration socket, so its members may register
+    /// endpoints (mode 0660); the sidecar's own group when unset.
+    #[arg(long, env = "LIFL_SIDECAR_SOCKET_GROUP")]
+    pub socket_group: Option<String>,
+
     /// Size of each job's shared-memory arena, e.g. `1GiB`, `512MiB`, `4096`.
     #[arg(long, env = "LIFL_SIDECAR_ARENA_BYTES", default_value = "512MiB", value_parser = parse_bytes)]
     pub arena_bytes: u64,

@@ -37,7 +37,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!("dataplane={}", routes.dataplane().as_str());
     let node = Arc::new(Node::new(node_config(&config), routes));
 
-    let listener = bind(&config.socket)?;
+    let listener = bind(&config.socket, config.socket_group.as_deref())?;
     tracing::info!(socket = %config.socket.display(), "serving registrations");
     // Handlers first: whoever is told "ready" may send SIGTERM at once.
     let stop = stop_signal()?;
@@ -82,8 +82,9 @@ fn open_dataplane(config: &Config) -> anyhow::Result<Box<dyn Routes>> {
     }
 }
 
-/// Binds the registration socket with mode 0660, replacing a stale one.
-fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+/// Binds the registration socket with mode 0660 (and `group`, if given),
+/// replacing a stale one.
+fn bind(path: &Path, group: Option<&str>) -> anyhow::Result<UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     }
@@ -96,6 +97,13 @@ fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     let listener = UnixListener::bind(path).with_context(|| format!("bind {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
         .with_context(|| format!("chmod {}", path.display()))?;
+    if let Some(name) = group {
+        let group = nix::unistd::Group::from_name(name)
+            .with_context(|| format!("look up group {name}"))?
+            .with_context(|| format!("no group named {name}"))?;
+        nix::unistd::chown(path, None, Some(group.gid))
+            .with_context(|| format!("chgrp {name} {}", path.display()))?;
+    }
     Ok(listener)
 }
 
