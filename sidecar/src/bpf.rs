@@ -4,7 +4,7 @@
 //! Each libbpf object has one owning handle here, freed on drop, and the
 //! handle's type says how far it got: [`OpenedObject`] (maps still resizable),
 //! [`LoadedObject`] (verified by the kernel), [`SkMsgRouter`] (attached to the
-//! socket map). Every C return code goes through [`check`], which names the
+//! socket map). Every C return code goes through one converter that names the
 //! failing call; a verifier rejection keeps the verifier's log.
 //!
 //! # Kernel requirements
