@@ -2,7 +2,7 @@
 //! sidecar embeds and loads from memory.
 
 use std::env;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn main() {
@@ -13,19 +13,34 @@ fn main() {
     // compiled against the same bpf_helpers.h as the loader it runs under.
     let libbpf_include = env::var("DEP_BPF_INCLUDE").expect("libbpf-sys exports DEP_BPF_INCLUDE");
 
-    let source = bpf_dir.join("sk_msg_route.c");
-    let object = out.join("sk_msg_route.bpf.o");
-    let status = Command::new(env::var("CLANG").unwrap_or_else(|_| "clang".into()))
-        .args(["-O2", "-g", "-target", "bpf", "-Wall", "-Werror"])
-        .arg("-I")
-        .arg(bpf_dir.join("include"))
-        .arg("-I")
-        .arg(&libbpf_include)
+    let include = [bpf_dir.join("include"), PathBuf::from(libbpf_include)];
+    let route = bpf_dir.join("sk_msg_route.c");
+    compile(&route, &out.join("sk_msg_route.bpf.o"), &include);
+    // A program the verifier refuses, for the loader's tests.
+    let unchecked = bpf_dir.join("tests/sk_msg_unchecked.c");
+    compile(&unchecked, &out.join("sk_msg_unchecked.bpf.o"), &include);
+
+    println!("cargo:rerun-if-changed={}", route.display());
+    println!("cargo:rerun-if-changed={}", unchecked.display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        bpf_dir.join("include/lifl.h").display()
+    );
+    println!("cargo:rerun-if-env-changed=CLANG");
+}
+
+fn compile(source: &Path, object: &Path, include: &[PathBuf]) {
+    let mut clang = Command::new(env::var("CLANG").unwrap_or_else(|_| "clang".into()));
+    clang.args(["-O2", "-g", "-target", "bpf", "-Wall", "-Werror"]);
+    for dir in include {
+        clang.arg("-I").arg(dir);
+    }
+    let status = clang
         .args(["-I", "/usr/include/x86_64-linux-gnu"])
         .arg("-c")
-        .arg(&source)
+        .arg(source)
         .arg("-o")
-        .arg(&object)
+        .arg(object)
         .status()
         .expect("run clang (install clang: `just deps`)");
     assert!(
@@ -33,11 +48,4 @@ fn main() {
         "clang failed to compile {}",
         source.display()
     );
-
-    println!("cargo:rerun-if-changed={}", source.display());
-    println!(
-        "cargo:rerun-if-changed={}",
-        bpf_dir.join("include/lifl.h").display()
-    );
-    println!("cargo:rerun-if-env-changed=CLANG");
 }

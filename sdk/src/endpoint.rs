@@ -86,6 +86,9 @@ impl Shared {
 /// An endpoint of a job on this node, registered with the sidecar.
 ///
 /// Every method takes `&self`: one task may receive while others send.
+/// Dropping the endpoint unregisters it, and the sidecar then reclaims every
+/// buffer it held: keep the endpoint alive as long as its buffers and
+/// updates are in use.
 #[derive(Debug)]
 pub struct Endpoint {
     id: u32,

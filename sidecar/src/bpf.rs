@@ -143,6 +143,10 @@ impl std::fmt::Debug for OpenedObject {
 impl OpenedObject {
     /// Parses the embedded `sk_msg_route` object.
     pub fn open() -> Result<Self, BpfError> {
+        Self::open_mem(SK_MSG_OBJECT)
+    }
+
+    fn open_mem(object: &'static AlignedObject<[u8]>) -> Result<Self, BpfError> {
         // libbpf's own warnings would go to stderr unstructured; every
         // failure is reported through `BpfError` instead.
         // SAFETY: passing None installs no callback.
@@ -156,7 +160,7 @@ impl OpenedObject {
             kernel_log_size: log.len() as libbpf_sys::size_t,
             ..Default::default()
         };
-        let bytes = &SK_MSG_OBJECT.0;
+        let bytes = &object.0;
         // SAFETY: `bytes` is a static, 8-byte aligned ELF image; libbpf copies
         // what it needs. `opts` and the log buffer it points to outlive the
         // call, and the log buffer is kept alive with the object.
@@ -478,4 +482,66 @@ fn assert_sizes(map: MapFd, key: usize, value: usize) {
         map.value_size, value,
         "BPF map value size differs from its Rust mirror"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A program that reads a message without a bounds check.
+    static UNCHECKED_OBJECT: &AlignedObject<[u8]> = &AlignedObject(*include_bytes!(concat!(
+        env!("OUT_DIR"),
+        "/sk_msg_unchecked.bpf.o"
+    )));
+
+    #[test]
+    fn a_verifier_rejection_carries_the_verifier_log() {
+        let privileged = nix::unistd::geteuid().is_root();
+        if !privileged && std::env::var("LIFL_REQUIRE_BPF").as_deref() != Ok("1") {
+            eprintln!("skipping: loading BPF programs needs root");
+            return;
+        }
+        let err = OpenedObject::open_mem(UNCHECKED_OBJECT)
+            .unwrap()
+            .load()
+            .unwrap_err();
+        assert_eq!(err.call, "bpf_object__load");
+        let log = err.verifier_log.as_deref().unwrap_or_default();
+        assert!(
+            log.contains("invalid access to packet"),
+            "verifier log: {log:?}"
+        );
+        assert!(err.to_string().contains("verifier log:"), "{err}");
+    }
+
+    #[test]
+    fn the_router_loads_and_its_maps_have_the_mirrored_sizes() {
+        let privileged = nix::unistd::geteuid().is_root();
+        if !privileged && std::env::var("LIFL_REQUIRE_BPF").as_deref() != Ok("1") {
+            eprintln!("skipping: loading BPF programs needs root");
+            return;
+        }
+        let router = SkMsgRouter::load(128).unwrap();
+        let slot = 7u32;
+        let entry = lifl_proto::descriptor::RefEntry {
+            holder: 3,
+            gen: 1,
+            job: 2,
+            flags: 0,
+            offset: 4096,
+            len: 64,
+        };
+        router.update(Map::Refs, &slot, &entry).unwrap();
+        assert_eq!(router.lookup(Map::Refs, &slot).unwrap(), Some(entry));
+        assert!(
+            router.update(Map::Refs, &128u32, &entry).is_err(),
+            "the refs map was sized to 128"
+        );
+
+        router.zero_percpu(Map::RouteStats, &3u32).unwrap();
+        let stats: Option<lifl_proto::descriptor::RouteStats> =
+            router.lookup_percpu_sum(Map::RouteStats, &3u32).unwrap();
+        assert_eq!(stats, Some(Default::default()));
+        assert!(router.socket_endpoints().unwrap().is_empty());
+    }
 }
