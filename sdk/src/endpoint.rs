@@ -2,11 +2,11 @@
 //! that allocates and releases buffers, and the descriptor socket that sends
 //! and receives them by reference.
 //!
-//! Two background tasks serve each endpoint. The control task owns the
-//! control socket: it writes requests (batching releases, so dropping a
-//! buffer never waits) and routes answers back to their callers. The receive
-//! task reads whole 64-byte descriptors from the descriptor socket, checks
-//! them against the arena, and queues them for [`Endpoint::recv`].
+//! One background task owns the control socket: it writes requests
+//! (batching releases, so dropping a buffer never waits), routes answers back
+//! to their callers, and queues the sidecar's refusal notices. The descriptor
+//! socket has no task of its own: [`Endpoint::recv`] reads whole 64-byte
+//! descriptors from it directly, so a delivery costs no extra hand-off.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -98,7 +98,19 @@ pub struct Endpoint {
     next_request: AtomicU64,
     next_seq: AtomicU64,
     writer: tokio::sync::Mutex<tokio::net::tcp::OwnedWriteHalf>,
-    incoming: tokio::sync::Mutex<mpsc::UnboundedReceiver<Result<Update, SdkError>>>,
+    inbox: tokio::sync::Mutex<Inbox>,
+}
+
+/// The receiving side: the descriptor socket and the refusal notices.
+#[derive(Debug)]
+struct Inbox {
+    socket: tokio::net::tcp::OwnedReadHalf,
+    /// Bytes read but not yet taken; whole descriptors are taken first.
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+    /// Refusals and protocol errors from the control task.
+    notices: mpsc::UnboundedReceiver<SdkError>,
 }
 
 impl Endpoint {
@@ -147,9 +159,15 @@ impl Endpoint {
 
         let (control, control_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared { arena, control });
-        let (incoming_tx, incoming) = mpsc::unbounded_channel();
-        tokio::spawn(run_control(stream, control_rx, incoming_tx.clone()));
-        tokio::spawn(receive(read, shared.clone(), incoming_tx));
+        let (notices_tx, notices) = mpsc::unbounded_channel();
+        tokio::spawn(run_control(stream, control_rx, notices_tx));
+        let inbox = Inbox {
+            socket: read,
+            buf: vec![0u8; DESC_SIZE * 256].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            notices,
+        };
 
         Ok(Self {
             id,
@@ -159,7 +177,7 @@ impl Endpoint {
             next_request: AtomicU64::new(2),
             next_seq: AtomicU64::new(1),
             writer: tokio::sync::Mutex::new(write),
-            incoming: tokio::sync::Mutex::new(incoming),
+            inbox: tokio::sync::Mutex::new(inbox),
         })
     }
 
@@ -297,8 +315,34 @@ impl Endpoint {
     /// Waits for the next update sent to this endpoint, or for the next
     /// refusal of a descriptor it sent.
     pub async fn recv(&self) -> Result<Update, SdkError> {
-        let mut incoming = self.incoming.lock().await;
-        incoming.recv().await.unwrap_or(Err(SdkError::Closed))
+        let mut inbox = self.inbox.lock().await;
+        let Inbox {
+            socket,
+            buf,
+            start,
+            end,
+            notices,
+        } = &mut *inbox;
+        loop {
+            if *end - *start >= DESC_SIZE {
+                let raw = &buf[*start..*start + DESC_SIZE];
+                *start += DESC_SIZE;
+                return admit(raw, &self.shared);
+            }
+            // Keep a partial descriptor at the front, with room behind it.
+            buf.copy_within(*start..*end, 0);
+            (*start, *end) = (0, *end - *start);
+
+            // Both futures are cancel-safe: nothing is lost to the loser.
+            tokio::select! {
+                biased;
+                notice = notices.recv() => return Err(notice.unwrap_or(SdkError::Closed)),
+                read = socket.read(&mut buf[*end..]) => match read? {
+                    0 => return Err(SdkError::Closed),
+                    n => *end += n,
+                },
+            }
+        }
     }
 }
 
@@ -358,11 +402,11 @@ fn parse_reply(line: &str) -> Result<Reply, SdkError> {
 async fn run_control(
     stream: UnixStream,
     mut outgoing: mpsc::UnboundedReceiver<Outgoing>,
-    incoming: mpsc::UnboundedSender<Result<Update, SdkError>>,
+    notices: mpsc::UnboundedSender<SdkError>,
 ) {
     let (read, mut write) = stream.into_split();
     let pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Reply>>>> = Arc::default();
-    let reader = tokio::spawn(route_replies(read, pending.clone(), incoming));
+    let reader = tokio::spawn(route_replies(read, pending.clone(), notices));
 
     let mut out = String::new();
     let mut releases = Vec::new();
@@ -407,14 +451,14 @@ async fn run_control(
 async fn route_replies(
     read: tokio::net::unix::OwnedReadHalf,
     pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Reply>>>>,
-    incoming: mpsc::UnboundedSender<Result<Update, SdkError>>,
+    notices: mpsc::UnboundedSender<SdkError>,
 ) {
     let mut lines = FramedRead::new(read, LinesCodec::new_with_max_length(MAX_LINE_BYTES));
     while let Some(Ok(line)) = lines.next().await {
         let reply = match parse_reply(&line) {
             Ok(reply) => reply,
             Err(err) => {
-                let _ = incoming.send(Err(err));
+                let _ = notices.send(err);
                 continue;
             }
         };
@@ -425,7 +469,7 @@ async fn route_replies(
                     dst: *dst,
                     reason: *reason,
                 };
-                let _ = incoming.send(Err(refused));
+                let _ = notices.send(refused);
                 continue;
             }
             Reply::Registered { id, .. }
@@ -442,41 +486,13 @@ async fn route_replies(
                 let _ = answer.send(reply);
             }
             None => {
-                let _ = incoming.send(Err(SdkError::Protocol(format!("unasked reply {reply:?}"))));
+                let _ = notices.send(SdkError::Protocol(format!("unasked reply {reply:?}")));
             }
         }
     }
     // Pending callers see their answer channel close: `SdkError::Closed`.
     pending.lock().unwrap_or_else(|e| e.into_inner()).clear();
-    let _ = incoming.send(Err(SdkError::Closed));
-}
-
-/// Reads whole descriptors from the descriptor socket and queues them as
-/// updates. The queue needs no bound of its own: each entry holds one of the
-/// node's limited references.
-async fn receive(
-    mut read: tokio::net::tcp::OwnedReadHalf,
-    shared: Arc<Shared>,
-    incoming: mpsc::UnboundedSender<Result<Update, SdkError>>,
-) {
-    let mut buf = vec![0u8; DESC_SIZE * 256];
-    let mut filled = 0;
-    loop {
-        let n = match read.read(&mut buf[filled..]).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        filled += n;
-        let whole = filled - filled % DESC_SIZE;
-        for raw in buf[..whole].chunks_exact(DESC_SIZE) {
-            if incoming.send(admit(raw, &shared)).is_err() {
-                return;
-            }
-        }
-        buf.copy_within(whole..filled, 0);
-        filled -= whole;
-    }
-    let _ = incoming.send(Err(SdkError::Closed));
+    let _ = notices.send(SdkError::Closed);
 }
 
 /// Turns 64 received bytes into an update, or says why they are not one.
