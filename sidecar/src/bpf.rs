@@ -326,7 +326,12 @@ impl SkMsgRouter {
     /// Puts an endpoint's connected TCP socket into `endpoint_socks`.
     pub fn insert_socket(&self, endpoint: u32, socket: BorrowedFd<'_>) -> Result<(), BpfError> {
         let value = socket.as_raw_fd() as u64;
-        self.update_raw(self.maps.socks, &endpoint, bytemuck::bytes_of(&value))
+        self.update_raw(
+            self.maps.socks,
+            &endpoint,
+            bytemuck::bytes_of(&value),
+            Values::One,
+        )
     }
 
     /// Takes an endpoint's socket out of `endpoint_socks`; absent is fine.
@@ -341,7 +346,7 @@ impl SkMsgRouter {
 
     /// Writes `value` under `key` (create or replace).
     pub fn update<K: Pod, V: Pod>(&self, map: Map, key: &K, value: &V) -> Result<(), BpfError> {
-        self.update_raw(self.fd(map), key, bytemuck::bytes_of(value))
+        self.update_raw(self.fd(map), key, bytemuck::bytes_of(value), Values::One)
     }
 
     /// Deletes `key`; absent is fine.
@@ -376,10 +381,9 @@ impl SkMsgRouter {
         key: &K,
     ) -> Result<Option<V>, BpfError> {
         let map = self.fd(map);
-        // The kernel lays per-CPU values out at 8-byte strides.
         let stride = map.value_size.next_multiple_of(8);
         assert_sizes(map, std::mem::size_of::<K>(), std::mem::size_of::<V>());
-        let mut buf = vec![0u8; stride * self.cpus];
+        let mut buf = vec![0u8; self.percpu_bytes(map)];
         // SAFETY: the key has the map's key size; `buf` holds one value
         // stride for each possible CPU, as the kernel writes.
         let rc = unsafe {
@@ -404,25 +408,35 @@ impl SkMsgRouter {
     /// Writes the zero value under `key` of a per-CPU map, on every CPU.
     pub fn zero_percpu<K: Pod>(&self, map: Map, key: &K) -> Result<(), BpfError> {
         let map = self.fd(map);
-        // The kernel reads one value per possible CPU, at 8-byte strides.
-        let zeros = vec![0u8; map.value_size.next_multiple_of(8) * self.cpus];
-        assert_sizes(map, std::mem::size_of::<K>(), map.value_size);
-        // SAFETY: the key has the map's key size; `zeros` holds a value
-        // stride for each possible CPU, as the kernel reads.
-        check("bpf_map_update_elem", unsafe {
-            libbpf_sys::bpf_map_update_elem(
-                map.fd,
-                (key as *const K).cast(),
-                zeros.as_ptr().cast(),
-                libbpf_sys::BPF_ANY as u64,
-            )
-        })?;
-        Ok(())
+        let zeros = vec![0u8; self.percpu_bytes(map)];
+        self.update_raw(map, key, &zeros, Values::PerCpu)
     }
 
-    fn update_raw<K: Pod>(&self, map: MapFd, key: &K, value: &[u8]) -> Result<(), BpfError> {
-        assert_sizes(map, std::mem::size_of::<K>(), value.len());
-        // SAFETY: key and value have exactly the map's sizes.
+    /// Bytes the kernel reads or writes for one key of a per-CPU map: one
+    /// value per possible CPU, at 8-byte strides.
+    fn percpu_bytes(&self, map: MapFd) -> usize {
+        map.value_size.next_multiple_of(8) * self.cpus
+    }
+
+    fn update_raw<K: Pod>(
+        &self,
+        map: MapFd,
+        key: &K,
+        value: &[u8],
+        values: Values,
+    ) -> Result<(), BpfError> {
+        let expected = match values {
+            Values::One => map.value_size,
+            Values::PerCpu => self.percpu_bytes(map),
+        };
+        assert_sizes(map, std::mem::size_of::<K>(), map.value_size);
+        assert_eq!(
+            value.len(),
+            expected,
+            "BPF map value buffer has the wrong size"
+        );
+        // SAFETY: the key has the map's key size and the value buffer holds
+        // exactly what the kernel reads for this map.
         check("bpf_map_update_elem", unsafe {
             libbpf_sys::bpf_map_update_elem(
                 map.fd,
@@ -468,6 +482,13 @@ impl SkMsgRouter {
             }
         }
     }
+}
+
+/// How many values one key of a map holds.
+#[derive(Debug, Clone, Copy)]
+enum Values {
+    One,
+    PerCpu,
 }
 
 /// Every caller passes the `#[repr(C)]` mirror of the map's C type, so a

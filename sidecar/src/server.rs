@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use lifl_proto::control::{ErrorCode, Reply, Request, MAX_LINE_BYTES, MAX_RELEASE_BATCH};
+use lifl_proto::control::{ErrorCode, Grant, Reply, Request, MAX_LINE_BYTES, MAX_RELEASE_BATCH};
 use lifl_proto::descriptor::{Descriptor, DESC_SIZE};
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, LinesCodec};
 use tokio_util::sync::CancellationToken;
 
-use crate::node::{EndpointLink, Node, Registration, Verdict};
+use crate::node::{EndpointLink, Node, NodeError, Registration, Verdict};
 
 /// How long a partial descriptor may wait for the rest of its bytes before it
 /// is refused as short. Senders write whole descriptors in one call, so the
@@ -251,26 +251,12 @@ impl Connection {
             };
             match request {
                 Ok(Request::Alloc { id, len }) => {
-                    let reply = match self.node.alloc(endpoint, len) {
-                        Ok(grant) => Reply::Granted { id, grant },
-                        Err(err) => Reply::Error {
-                            id,
-                            code: err.code,
-                            message: err.message,
-                        },
-                    };
-                    self.reply(reply).await;
+                    self.reply(granted(id, self.node.alloc(endpoint, len)))
+                        .await
                 }
                 Ok(Request::Share { id, slot, gen }) => {
-                    let reply = match self.node.share(endpoint, slot, gen) {
-                        Ok(grant) => Reply::Granted { id, grant },
-                        Err(err) => Reply::Error {
-                            id,
-                            code: err.code,
-                            message: err.message,
-                        },
-                    };
-                    self.reply(reply).await;
+                    self.reply(granted(id, self.node.share(endpoint, slot, gen)))
+                        .await
                 }
                 Ok(Request::Release { refs }) => {
                     let refs = &refs[..refs.len().min(MAX_RELEASE_BATCH)];
@@ -300,6 +286,18 @@ type Registered = (
     tokio::net::TcpStream,
     mpsc::UnboundedReceiver<Descriptor>,
 );
+
+/// The answer to a request for a buffer reference.
+fn granted(id: u64, result: Result<Grant, NodeError>) -> Reply {
+    match result {
+        Ok(grant) => Reply::Granted { id, grant },
+        Err(err) => Reply::Error {
+            id,
+            code: err.code,
+            message: err.message,
+        },
+    }
+}
 
 fn request_id(request: &Request) -> u64 {
     match request {
