@@ -331,3 +331,25 @@ fn arena_is_hugepage_backed_when_the_machine_has_hugepages() {
     assert_eq!(job.buffers, 8, "buffers written and moved on hugepages");
     holder.kill9().unwrap();
 }
+
+#[test]
+fn the_sdk_example_runs_against_a_live_sidecar() {
+    let Some(sidecar) = sidecar(Mode::Userspace) else {
+        return;
+    };
+    let example = lifl_integration::bin_dir().join("examples/round_trip");
+    let output = std::process::Command::new(&example)
+        .arg(sidecar.socket())
+        .output()
+        .unwrap_or_else(|e| panic!("run {}: {e}", example.display()));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("samples=600 values=[0.5, -1.0, 2.0, 4.25]"),
+        "{stdout}"
+    );
+}

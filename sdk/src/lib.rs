@@ -31,6 +31,9 @@
 //! # }
 //! ```
 //!
+//! The same steps run as a program against a live sidecar:
+//! `cargo run -p lifl-sdk --example round_trip -- /run/lifl/sidecar.sock`.
+//!
 //! Errors say whose fault they are ([`SdkError::fault`]) and whether the
 //! same call can succeed later ([`SdkError::is_retryable`]).
 
