@@ -34,12 +34,16 @@
 //! The same steps run as a program against a live sidecar:
 //! `cargo run -p lifl-sdk --example round_trip -- /run/lifl/sidecar.sock`.
 //!
+//! [`fedavg`] folds received updates into a weighted average in place, for
+//! aggregators.
+//!
 //! Errors say whose fault they are ([`SdkError::fault`]) and whether the
 //! same call can succeed later ([`SdkError::is_retryable`]).
 
 mod buffer;
 mod endpoint;
 mod error;
+pub mod fedavg;
 
 pub use buffer::{BufferMut, Sendable, Update, UpdateMeta};
 pub use endpoint::{stats, Endpoint, Registration};
