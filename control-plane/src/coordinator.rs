@@ -265,8 +265,10 @@ struct NodeEntry {
 struct State {
     jobs: BTreeMap<u32, JobEntry>,
     nodes: BTreeMap<String, NodeEntry>,
-    /// The next endpoint id to hand out; never reused.
-    next_endpoint_id: u32,
+    /// The next endpoint id to hand out, from 1; never reused. Wider than
+    /// an id so that the one after `u32::MAX` is representable: reaching it
+    /// means ids are exhausted, and planning refuses it instead of wrapping.
+    next_endpoint_id: u64,
     /// Trainer token hashes, to the job each belongs to.
     trainer_tokens: HashMap<TokenHash, u32>,
 }
@@ -296,9 +298,10 @@ impl Coordinator {
             if let Some(hash) = TokenHash::from_hex(&job.trainer_token_sha256) {
                 state.trainer_tokens.insert(hash, job.id);
             }
-            let high_water = job.topology.as_ref().and_then(|t| t.last_endpoint_id());
-            if let Some(next) = high_water.and_then(|id| id.checked_add(1)) {
-                state.next_endpoint_id = state.next_endpoint_id.max(next);
+            // Ids grow with every round, so each job's latest tree holds its
+            // highest; the next id follows the highest of them all.
+            if let Some(last) = job.topology.as_ref().and_then(|t| t.last_endpoint_id()) {
+                state.next_endpoint_id = state.next_endpoint_id.max(u64::from(last) + 1);
             }
             let joined = HashMap::new();
             state.jobs.insert(job.id, JobEntry { job, joined });
@@ -605,10 +608,9 @@ impl Coordinator {
         job.topology = Some(Arc::clone(&topology));
         self.store.put_job(&job).await?;
 
-        state.next_endpoint_id = topology
-            .last_endpoint_id()
-            .and_then(|id| id.checked_add(1))
-            .unwrap_or(u32::MAX);
+        if let Some(last) = topology.last_endpoint_id() {
+            state.next_endpoint_id = u64::from(last) + 1;
+        }
         let entry = state
             .jobs
             .get_mut(&job.id)
@@ -1105,6 +1107,41 @@ mod tests {
         let err = coordinator.create_job(&good_draft()).await.unwrap_err();
         assert_eq!(error_chain(&err), "store write job failed: disk full");
         assert!(coordinator.jobs().await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn exhausted_endpoint_ids_refuse_a_round_even_after_a_restart() {
+        let (coordinator, store) = coordinator(CoordinatorConfig::default()).await;
+        coordinator.register_node(node("n1")).await.unwrap();
+        let mut draft = good_draft();
+        draft.trainers_per_round = 10;
+        draft.min_trainers = 1;
+        let (first, _) = coordinator.create_job(&draft).await.unwrap();
+        let joined = coordinator.join_round(first.id, "t").await.unwrap();
+        assert_eq!(joined.leaf_endpoint_id, 1);
+
+        // As if every id had been handed out: the stored tree ends on the
+        // last id. A restart must not start again from a low id.
+        let mut job = store.load().await.unwrap().jobs[0].clone();
+        let mut topology = Topology::clone(job.topology.as_deref().unwrap());
+        topology.aggregators[0].endpoint_id = u32::MAX;
+        job.topology = Some(Arc::new(topology));
+        store.put_job(&job).await.unwrap();
+        drop(coordinator);
+        let store_dyn = Arc::clone(&store) as Arc<dyn Store>;
+        let coordinator = Coordinator::open(store_dyn, CoordinatorConfig::default())
+            .await
+            .unwrap();
+        coordinator.register_node(node("n1")).await.unwrap();
+
+        let (second, _) = coordinator.create_job(&draft).await.unwrap();
+        let err = coordinator.join_round(second.id, "t").await.unwrap_err();
+        assert_eq!(
+            error_chain(&err),
+            "job 2: cannot plan round 1: endpoint ids are exhausted: the round needs 1 \
+             from id 4294967296, but the last endpoint id is 4294967295"
+        );
+        assert!(coordinator.job(second.id).await.unwrap().topology.is_none());
     }
 
     #[test]

@@ -93,15 +93,32 @@ pub struct TreeShape {
     pub widths: Vec<u32>,
 }
 
+impl TreeShape {
+    /// Aggregators in the whole tree.
+    pub fn aggregators(&self) -> u64 {
+        self.widths.iter().map(|&w| u64::from(w)).sum()
+    }
+}
+
 /// Why a round could not be planned.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {
     /// No node is online with room for the model.
     #[error("no online node can hold the job")]
     NoNode,
-    /// The tree would need endpoint ids past `u32::MAX`.
-    #[error("endpoint ids are exhausted")]
-    EndpointIdsExhausted,
+    /// The tree would need endpoint ids past `u32::MAX`; ids are never
+    /// reused, so no later round can be planned either.
+    #[error(
+        "endpoint ids are exhausted: the round needs {needed} from id {first}, \
+         but the last endpoint id is {}",
+        u32::MAX
+    )]
+    EndpointIdsExhausted {
+        /// The first id the round would take.
+        first: u64,
+        /// Ids the round needs.
+        needed: u64,
+    },
 }
 
 /// Sizes the tree for `trainers` updates. Callers pass a validated spec:
@@ -139,7 +156,8 @@ pub fn size_tree(trainers: u32, max_fan_in: u32, levels: Levels) -> TreeShape {
 }
 
 /// Plans round `round` of job `job_id` for `trainers` trainers over `nodes`,
-/// numbering endpoints from `first_endpoint_id`.
+/// numbering endpoints from `first_endpoint_id` (at least 1; a `u64` so that
+/// the id after `u32::MAX` can be passed and refused, never wrapped).
 pub fn plan(
     job_id: u32,
     round: u32,
@@ -147,7 +165,7 @@ pub fn plan(
     max_fan_in: u32,
     levels: Levels,
     nodes: &[NodeCandidate],
-    first_endpoint_id: u32,
+    first_endpoint_id: u64,
 ) -> Result<Topology, PlanError> {
     if nodes.is_empty() {
         return Err(PlanError::NoNode);
@@ -168,19 +186,27 @@ pub fn plan(
 fn number_tree(
     shape: &TreeShape,
     trainers: u32,
-    first_endpoint_id: u32,
+    first_endpoint_id: u64,
 ) -> Result<Vec<Aggregator>, PlanError> {
-    let total: u64 = shape.widths.iter().map(|&w| u64::from(w)).sum();
-    if u64::from(first_endpoint_id) + total > u64::from(u32::MAX) + 1 || first_endpoint_id == 0 {
-        return Err(PlanError::EndpointIdsExhausted);
+    let needed = shape.aggregators();
+    let exhausted = PlanError::EndpointIdsExhausted {
+        first: first_endpoint_id,
+        needed,
+    };
+    let last = first_endpoint_id
+        .checked_add(needed)
+        .and_then(|end| end.checked_sub(1));
+    if first_endpoint_id == 0 || last.is_none_or(|last| last > u64::from(u32::MAX)) {
+        return Err(exhausted);
     }
 
-    // Level starts: the first endpoint id of each level.
+    // Level starts: the first endpoint id of each level. The check above
+    // keeps every id within `u32`.
     let mut starts = Vec::with_capacity(shape.widths.len());
     let mut next = first_endpoint_id;
     for &w in &shape.widths {
-        starts.push(next);
-        next = next.wrapping_add(w);
+        starts.push(u32::try_from(next).map_err(|_| exhausted.clone())?);
+        next += u64::from(w);
     }
 
     let mut aggregators = Vec::new();
@@ -436,9 +462,40 @@ mod tests {
             plan(1, 1, 10, 4, Levels::Auto, &[], 1),
             Err(PlanError::NoNode)
         );
+        let last = u64::from(u32::MAX);
+        // 10 trainers at fan-in 4: 3 leaves and a top.
+        let err = plan(1, 1, 10, 4, Levels::Auto, &nodes(&[1]), last - 2).unwrap_err();
         assert_eq!(
-            plan(1, 1, 10, 4, Levels::Auto, &nodes(&[1]), u32::MAX),
-            Err(PlanError::EndpointIdsExhausted)
+            err,
+            PlanError::EndpointIdsExhausted {
+                first: last - 2,
+                needed: 4
+            }
         );
+        assert_eq!(
+            err.to_string(),
+            "endpoint ids are exhausted: the round needs 4 from id 4294967293, \
+             but the last endpoint id is 4294967295"
+        );
+        assert!(plan(1, 1, 10, 4, Levels::Auto, &nodes(&[1]), last + 1).is_err());
+        assert!(plan(1, 1, 10, 4, Levels::Auto, &nodes(&[1]), 0).is_err());
+    }
+
+    #[test]
+    fn the_last_endpoint_id_is_usable_without_wrapping() {
+        let last = u64::from(u32::MAX);
+        let topo = plan(1, 1, 10, 4, Levels::Auto, &nodes(&[4]), last - 3).unwrap();
+        let ids: Vec<u32> = topo.aggregators.iter().map(|a| a.endpoint_id).collect();
+        assert_eq!(
+            ids,
+            vec![u32::MAX - 3, u32::MAX - 2, u32::MAX - 1, u32::MAX]
+        );
+        assert!(topo.leaves().iter().all(|l| l.parent == Some(u32::MAX)));
+    }
+
+    #[test]
+    fn tree_size_counts_every_level() {
+        assert_eq!(size_tree(10_000, 10, Levels::Auto).aggregators(), 1111);
+        assert_eq!(size_tree(1, 2, Levels::Auto).aggregators(), 1);
     }
 }

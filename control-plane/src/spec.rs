@@ -11,10 +11,17 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::planner;
+
 /// Most rounds a job may ask for.
 pub const MAX_ROUNDS: u32 = 1_000_000;
-/// Most trainers one round may admit.
-pub const MAX_TRAINERS_PER_ROUND: u32 = 10_000_000;
+/// Most trainers one round may admit. The open round keeps one assignment
+/// per trainer in memory, so this bounds that map (about 100 MB at most).
+pub const MAX_TRAINERS_PER_ROUND: u32 = 1_000_000;
+/// Most aggregators the tree of one round may have. Every aggregator takes an
+/// endpoint id, which is never reused, and a core on some node; this keeps a
+/// round's plan small and the 32-bit endpoint ids lasting.
+pub const MAX_AGGREGATORS_PER_ROUND: u64 = 65_536;
 /// Longest round deadline: one week.
 pub const MAX_ROUND_DEADLINE_MS: u64 = 7 * 24 * 3600 * 1000;
 /// Largest model, in bytes (64 GiB).
@@ -464,8 +471,13 @@ fn validate_hierarchy(
         }
     };
 
+    let trainers_ok = (1..=MAX_TRAINERS_PER_ROUND).contains(&trainers_per_round);
+    if !fan_in_ok || !trainers_ok {
+        return Some(levels);
+    }
+
     // A fixed depth must be able to hold a full round within the fan-in.
-    if let (Levels::Fixed(n), true) = (levels, fan_in_ok) {
+    if let Levels::Fixed(n) = levels {
         let capacity = u64::from(fan_in).saturating_pow(n);
         if capacity < u64::from(trainers_per_round) {
             bad.add(
@@ -475,7 +487,21 @@ fn validate_hierarchy(
                      but trainers_per_round is {trainers_per_round}"
                 ),
             );
+            return Some(levels);
         }
+    }
+
+    // The planned tree must stay within the per-round aggregator budget.
+    let aggregators = planner::size_tree(trainers_per_round, fan_in, levels).aggregators();
+    if aggregators > MAX_AGGREGATORS_PER_ROUND {
+        bad.add(
+            "hierarchy.max_fan_in",
+            format!(
+                "is {fan_in}; with trainers_per_round {trainers_per_round} a round needs \
+                 {aggregators} aggregators, more than the {MAX_AGGREGATORS_PER_ROUND} allowed; \
+                 raise max_fan_in or lower trainers_per_round"
+            ),
+        );
     }
     Some(levels)
 }
@@ -654,6 +680,38 @@ pub(crate) mod tests {
         assert!(
             err.to_string().contains("hold at most 100 trainers"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn trainers_per_round_is_capped() {
+        let mut draft = good_draft();
+        draft.trainers_per_round = MAX_TRAINERS_PER_ROUND + 1;
+        draft.hierarchy.max_fan_in = 1024;
+        let err = draft.validate().unwrap_err();
+        assert_eq!(err.to_string(), "trainers_per_round: must be 1 to 1000000");
+    }
+
+    #[test]
+    fn a_tree_over_the_aggregator_budget_is_refused_naming_the_fan_in() {
+        let mut draft = good_draft();
+        draft.trainers_per_round = 1_000_000;
+        // Fan-in 16 needs 5 levels: 62500 + 3907 + 245 + 16 + 1 aggregators.
+        draft.hierarchy.max_fan_in = 16;
+        let err = draft.validate().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "hierarchy.max_fan_in: is 16; with trainers_per_round 1000000 a round needs \
+             66669 aggregators, more than the 65536 allowed; \
+             raise max_fan_in or lower trainers_per_round"
+        );
+
+        // Fan-in 32 needs 31250 + 977 + 31 + 1.
+        draft.hierarchy.max_fan_in = 32;
+        assert_eq!(draft.validate().unwrap().trainers_per_round, 1_000_000);
+        assert_eq!(
+            planner::size_tree(1_000_000, 32, Levels::Auto).aggregators(),
+            32_259
         );
     }
 

@@ -189,8 +189,20 @@ async fn each_invalid_spec_is_refused_naming_its_field() {
     let mut jobs = JobServiceClient::new(channel(&server).await);
 
     type Breaker = fn(&mut pb::JobSpec);
-    let cases: [(&str, Breaker); 10] = [
+    let cases: [(&str, Breaker); 12] = [
         ("spec.rounds", |s| s.rounds = 0),
+        ("spec.trainers_per_round", |s| {
+            s.trainers_per_round = 1_000_001;
+            s.hierarchy.as_mut().unwrap().max_fan_in = 1024;
+        }),
+        // A million trainers at fan-in 16 need 66,669 aggregators.
+        ("spec.hierarchy.max_fan_in", |s| {
+            s.trainers_per_round = 1_000_000;
+            s.hierarchy = Some(pb::Hierarchy {
+                levels: 0,
+                max_fan_in: 16,
+            });
+        }),
         ("spec.hierarchy.max_fan_in", |s| {
             s.hierarchy.as_mut().unwrap().max_fan_in = 1
         }),

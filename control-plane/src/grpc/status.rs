@@ -25,7 +25,7 @@ pub(super) fn from_coordinator(e: CoordinatorError) -> Status {
         }
         CoordinatorError::Plan { source, .. } => match source {
             PlanError::NoNode => Status::failed_precondition(error_chain(&e)),
-            PlanError::EndpointIdsExhausted => Status::resource_exhausted(error_chain(&e)),
+            PlanError::EndpointIdsExhausted { .. } => Status::resource_exhausted(error_chain(&e)),
         },
         CoordinatorError::RoundFull { .. } | CoordinatorError::JobIdsExhausted => {
             Status::resource_exhausted(e.to_string())
@@ -42,5 +42,30 @@ pub(super) fn from_auth(e: AuthError) -> Status {
     match e {
         AuthError::Missing | AuthError::Invalid => Status::unauthenticated(e.to_string()),
         AuthError::OutOfScope { .. } => Status::permission_denied(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic::Code;
+
+    use super::*;
+
+    #[test]
+    fn exhausted_endpoint_ids_are_resource_exhausted_with_the_reason() {
+        let status = from_coordinator(CoordinatorError::Plan {
+            job_id: 3,
+            round: 2,
+            source: PlanError::EndpointIdsExhausted {
+                first: 4_294_967_290,
+                needed: 11,
+            },
+        });
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert_eq!(
+            status.message(),
+            "job 3: cannot plan round 2: endpoint ids are exhausted: the round needs 11 \
+             from id 4294967290, but the last endpoint id is 4294967295"
+        );
     }
 }
