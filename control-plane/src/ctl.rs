@@ -267,11 +267,12 @@ async fn create_job(
     .map_err(|e| CtlError::Usage(format!("read {}: {e}", file.display())))?;
     let draft: JobSpecDraft = serde_json::from_str(&text)
         .map_err(|e| CtlError::Usage(format!("{}: {e}", file.display())))?;
+    // The server validates the rest; only what has no wire form fails here.
+    let spec = draft_to_pb(&draft)
+        .map_err(|e| CtlError::Usage(format!("{}: {}", file.display(), e.under("spec"))))?;
 
     let created = jobs
-        .create_job(pb::CreateJobRequest {
-            spec: Some(draft_to_pb(&draft)),
-        })
+        .create_job(pb::CreateJobRequest { spec: Some(spec) })
         .await
         .map_err(CtlError::Rpc)?
         .into_inner();
@@ -656,7 +657,7 @@ mod tests {
         let draft = crate::spec::tests::good_draft();
         let job = pb::Job {
             id: 4,
-            spec: Some(draft_to_pb(&draft)),
+            spec: Some(draft_to_pb(&draft).unwrap()),
             state: pb::JobState::Running.into(),
             ..pb::Job::default()
         };

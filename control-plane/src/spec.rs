@@ -30,6 +30,13 @@ pub const MAX_MODEL_BYTES: u64 = 64 << 30;
 pub const MAX_FAN_IN: u32 = 1 << 16;
 /// Most levels a fixed hierarchy may have.
 pub const MAX_FIXED_LEVELS: u32 = 3;
+/// Most tensors a model may have.
+pub const MAX_TENSORS: usize = 10_000;
+/// Most dimensions one tensor may have.
+pub const MAX_DIMS: usize = 8;
+/// Most violations a [`SpecError`] lists; the rest are only counted, so a
+/// spec with a million bad fields gets a short answer.
+pub const MAX_VIOLATIONS: usize = 32;
 
 /// A job spec as written, not yet validated. Unknown JSON fields are errors.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -108,6 +115,27 @@ impl Default for LevelsDraft {
     fn default() -> Self {
         Self::Word("auto".to_owned())
     }
+}
+
+impl LevelsDraft {
+    /// The count the wire carries: the number as written, and 0 for `auto`.
+    /// Any other word has no wire form and is refused, naming
+    /// `hierarchy.levels`.
+    pub fn to_count(&self) -> Result<u32, SpecError> {
+        match self {
+            Self::Count(n) => Ok(*n),
+            Self::Word(w) if w == "auto" => Ok(0),
+            Self::Word(w) => {
+                let mut bad = Violations::default();
+                bad.add("hierarchy.levels", levels_word_reason(w));
+                Err(bad.into_error())
+            }
+        }
+    }
+}
+
+fn levels_word_reason(word: &str) -> String {
+    format!("is {word:?}; must be 1 to {MAX_FIXED_LEVELS}, or \"auto\"")
 }
 
 /// A validated job spec.
@@ -238,11 +266,14 @@ pub struct FieldViolation {
     pub reason: String,
 }
 
-/// A spec that failed validation, with every violation found.
+/// A spec that failed validation, with the violations found.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub struct SpecError {
-    /// The violations, in field order; never empty.
+    /// The first violations, in field order, at most [`MAX_VIOLATIONS`];
+    /// never empty.
     pub violations: Vec<FieldViolation>,
+    /// Violations found past the first [`MAX_VIOLATIONS`], counted only.
+    pub omitted: usize,
 }
 
 impl SpecError {
@@ -264,20 +295,38 @@ impl fmt::Display for SpecError {
             }
             write!(f, "{}: {}", v.field, v.reason)?;
         }
+        if self.omitted > 0 {
+            write!(f, "; and {} more", self.omitted)?;
+        }
         Ok(())
     }
 }
 
-/// Collects violations while validation walks the draft.
+/// Collects violations while validation walks the draft, keeping the first
+/// [`MAX_VIOLATIONS`] and counting the rest.
 #[derive(Debug, Default)]
-struct Violations(Vec<FieldViolation>);
+struct Violations {
+    kept: Vec<FieldViolation>,
+    /// Every violation found, kept or not.
+    total: usize,
+}
 
 impl Violations {
     fn add(&mut self, field: impl Into<String>, reason: impl Into<String>) {
-        self.0.push(FieldViolation {
-            field: field.into(),
-            reason: reason.into(),
-        });
+        self.total += 1;
+        if self.kept.len() < MAX_VIOLATIONS {
+            self.kept.push(FieldViolation {
+                field: field.into(),
+                reason: reason.into(),
+            });
+        }
+    }
+
+    fn into_error(self) -> SpecError {
+        SpecError {
+            omitted: self.total - self.kept.len(),
+            violations: self.kept,
+        }
     }
 }
 
@@ -332,7 +381,7 @@ impl JobSpecDraft {
         let levels = validate_hierarchy(&self.hierarchy, self.trainers_per_round, &mut bad);
 
         match (tensors, rule, mode, levels) {
-            (Some(tensors), Some(rule), Some(mode), Some(levels)) if bad.0.is_empty() => {
+            (Some(tensors), Some(rule), Some(mode), Some(levels)) if bad.total == 0 => {
                 Ok(JobSpec {
                     name: self.name.clone(),
                     tensors,
@@ -346,7 +395,7 @@ impl JobSpecDraft {
                     max_fan_in: self.hierarchy.max_fan_in,
                 })
             }
-            _ => Err(SpecError { violations: bad.0 }),
+            _ => Err(bad.into_error()),
         }
     }
 }
@@ -356,8 +405,18 @@ fn validate_tensors(model: &ModelLayoutDraft, bad: &mut Violations) -> Option<Ve
         bad.add("model.tensors", "must list at least one tensor");
         return None;
     }
+    if model.tensors.len() > MAX_TENSORS {
+        bad.add(
+            "model.tensors",
+            format!(
+                "has {} tensors; at most {MAX_TENSORS} are allowed",
+                model.tensors.len()
+            ),
+        );
+        return None;
+    }
 
-    let before = bad.0.len();
+    let before = bad.total;
     let mut names = HashSet::new();
     let mut total_bytes: u64 = 0;
     let mut tensors = Vec::with_capacity(model.tensors.len());
@@ -380,6 +439,15 @@ fn validate_tensors(model: &ModelLayoutDraft, bad: &mut Violations) -> Option<Ve
         };
         if t.shape.is_empty() {
             bad.add(format!("{at}.shape"), "must have at least one dimension");
+        } else if t.shape.len() > MAX_DIMS {
+            bad.add(
+                format!("{at}.shape"),
+                format!(
+                    "has {} dimensions; at most {MAX_DIMS} are allowed",
+                    t.shape.len()
+                ),
+            );
+            continue;
         }
         let mut elements: Option<u64> = Some(1);
         for (d, &dim) in t.shape.iter().enumerate() {
@@ -406,7 +474,7 @@ fn validate_tensors(model: &ModelLayoutDraft, bad: &mut Violations) -> Option<Ve
             format!("the model exceeds {MAX_MODEL_BYTES} bytes"),
         );
     }
-    (bad.0.len() == before).then_some(tensors)
+    (bad.total == before).then_some(tensors)
 }
 
 fn validate_aggregation(
@@ -463,10 +531,7 @@ fn validate_hierarchy(
             return None;
         }
         LevelsDraft::Word(w) => {
-            bad.add(
-                "hierarchy.levels",
-                format!("is {w:?}; must be 1 to {MAX_FIXED_LEVELS}, or \"auto\""),
-            );
+            bad.add("hierarchy.levels", levels_word_reason(w));
             return None;
         }
     };
@@ -712,6 +777,70 @@ pub(crate) mod tests {
         assert_eq!(
             planner::size_tree(1_000_000, 32, Levels::Auto).aggregators(),
             32_259
+        );
+    }
+
+    #[test]
+    fn tensor_and_dimension_counts_are_capped() {
+        let mut draft = good_draft();
+        draft.model.tensors = (0..=MAX_TENSORS)
+            .map(|i| TensorDraft {
+                name: format!("t{i}"),
+                shape: vec![1],
+                dtype: "f32".to_owned(),
+            })
+            .collect();
+        assert_eq!(
+            draft.validate().unwrap_err().to_string(),
+            "model.tensors: has 10001 tensors; at most 10000 are allowed"
+        );
+        draft.model.tensors.truncate(MAX_TENSORS);
+        assert_eq!(draft.validate().unwrap().tensors.len(), MAX_TENSORS);
+
+        let mut draft = good_draft();
+        draft.model.tensors[1].shape = vec![1; MAX_DIMS + 1];
+        assert_eq!(
+            draft.validate().unwrap_err().to_string(),
+            "model.tensors[1].shape: has 9 dimensions; at most 8 are allowed"
+        );
+        draft.model.tensors[1].shape = vec![1; MAX_DIMS];
+        assert!(draft.validate().is_ok());
+    }
+
+    #[test]
+    fn violations_past_the_first_32_are_only_counted() {
+        let mut draft = good_draft();
+        draft.model.tensors = (0..40)
+            .map(|i| TensorDraft {
+                name: format!("t{i}"),
+                shape: vec![0],
+                dtype: "f32".to_owned(),
+            })
+            .collect();
+        draft.rounds = 0;
+        let err = draft.validate().unwrap_err();
+        assert_eq!(err.violations.len(), MAX_VIOLATIONS);
+        assert_eq!(err.omitted, 9);
+        assert_eq!(err.violations[31].field, "model.tensors[31].shape[0]");
+        let text = err.under("spec").to_string();
+        assert!(
+            text.starts_with("spec.model.tensors[0].shape[0]: must be at least 1; "),
+            "{text}"
+        );
+        assert!(
+            text.ends_with("spec.model.tensors[31].shape[0]: must be at least 1; and 9 more"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn levels_words_other_than_auto_have_no_count() {
+        assert_eq!(LevelsDraft::default().to_count(), Ok(0));
+        assert_eq!(LevelsDraft::Count(2).to_count(), Ok(2));
+        let err = LevelsDraft::Word("deep".into()).to_count().unwrap_err();
+        assert_eq!(
+            err.under("spec").to_string(),
+            "spec.hierarchy.levels: is \"deep\"; must be 1 to 3, or \"auto\""
         );
     }
 

@@ -199,6 +199,25 @@ fn liflctl_reads_and_refuses_as_a_shell_user_expects() {
         "{stderr}"
     );
 
+    // A levels word other than auto has no wire form: refused before sending.
+    std::fs::write(
+        &bad,
+        SPEC.replace("\"levels\": \"auto\"", "\"levels\": \"deep\""),
+    )
+    .unwrap();
+    let out = liflctl(
+        &server.addr,
+        &["job", "create", "-f", bad.to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "liflctl: {}: spec.hierarchy.levels: is \"deep\"; must be 1 to 3, or \"auto\"\n",
+            bad.display()
+        )
+    );
+
     let out = liflctl(&server.addr, &["job", "cancel", "7"]);
     assert_eq!(out.status.code(), Some(3));
     assert_eq!(

@@ -189,7 +189,19 @@ async fn each_invalid_spec_is_refused_naming_its_field() {
     let mut jobs = JobServiceClient::new(channel(&server).await);
 
     type Breaker = fn(&mut pb::JobSpec);
-    let cases: [(&str, Breaker); 12] = [
+    let cases: [(&str, Breaker); 14] = [
+        ("spec.model.tensors", |s| {
+            let tensor = s.model.as_ref().unwrap().tensors[0].clone();
+            s.model.as_mut().unwrap().tensors = (0..10_001)
+                .map(|i| pb::Tensor {
+                    name: format!("w{i}"),
+                    ..tensor.clone()
+                })
+                .collect();
+        }),
+        ("spec.model.tensors[0].shape", |s| {
+            s.model.as_mut().unwrap().tensors[0].shape = vec![1; 9]
+        }),
         ("spec.rounds", |s| s.rounds = 0),
         ("spec.trainers_per_round", |s| {
             s.trainers_per_round = 1_000_001;

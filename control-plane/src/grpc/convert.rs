@@ -9,8 +9,8 @@ use crate::job::{Job, JobState, RoundRecord};
 use crate::node::{Node, NodeStatus};
 use crate::planner::{Aggregator, Topology};
 use crate::spec::{
-    AggregationDraft, HierarchyDraft, JobSpec, JobSpecDraft, LevelsDraft, ModelLayoutDraft, Tensor,
-    TensorDraft,
+    AggregationDraft, HierarchyDraft, JobSpec, JobSpecDraft, Levels, LevelsDraft, ModelLayoutDraft,
+    SpecError, Tensor, TensorDraft,
 };
 
 pub(super) fn draft_from_pb(spec: pb::JobSpec) -> JobSpecDraft {
@@ -45,8 +45,15 @@ pub(super) fn draft_from_pb(spec: pb::JobSpec) -> JobSpecDraft {
     }
 }
 
-/// The wire form of a draft; `levels` words other than numbers mean auto (0).
-pub fn draft_to_pb(draft: &JobSpecDraft) -> pb::JobSpec {
+/// The wire form of a draft. The wire carries levels as a number, so a
+/// `levels` word other than `auto` is refused here, naming `hierarchy.levels`,
+/// rather than silently sent as auto.
+pub fn draft_to_pb(draft: &JobSpecDraft) -> Result<pb::JobSpec, SpecError> {
+    let levels = draft.hierarchy.levels.to_count()?;
+    Ok(spec_fields_to_pb(draft, levels))
+}
+
+fn spec_fields_to_pb(draft: &JobSpecDraft, levels: u32) -> pb::JobSpec {
     pb::JobSpec {
         name: draft.name.clone(),
         model: Some(pb::ModelLayout {
@@ -61,10 +68,7 @@ pub fn draft_to_pb(draft: &JobSpecDraft) -> pb::JobSpec {
             mode: draft.aggregation.mode.clone(),
         }),
         hierarchy: Some(pb::Hierarchy {
-            levels: match draft.hierarchy.levels {
-                LevelsDraft::Count(n) => n,
-                LevelsDraft::Word(_) => 0,
-            },
+            levels,
             max_fan_in: draft.hierarchy.max_fan_in,
         }),
     }
@@ -79,7 +83,11 @@ fn tensor_draft_to_pb(t: &TensorDraft) -> pb::Tensor {
 }
 
 fn spec_to_pb(spec: &JobSpec) -> pb::JobSpec {
-    draft_to_pb(&JobSpecDraft::from(spec))
+    let levels = match spec.levels {
+        Levels::Auto => 0,
+        Levels::Fixed(n) => n,
+    };
+    spec_fields_to_pb(&JobSpecDraft::from(spec), levels)
 }
 
 fn tensors_to_pb(tensors: &[Tensor]) -> pb::ModelLayout {
@@ -266,5 +274,34 @@ pub(super) fn assignment_to_pb(a: TrainerAssignment) -> pb::TrainerAssignment {
         leaf_endpoint_id: a.leaf_endpoint_id,
         node_id: a.node_id,
         deadline_unix_ms: a.deadline_unix_ms,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::tests::good_draft;
+
+    #[test]
+    fn a_levels_word_other_than_auto_is_refused_naming_the_field() {
+        let mut draft = good_draft();
+        assert_eq!(draft_to_pb(&draft).unwrap().hierarchy.unwrap().levels, 0);
+        draft.hierarchy.levels = LevelsDraft::Count(2);
+        assert_eq!(draft_to_pb(&draft).unwrap().hierarchy.unwrap().levels, 2);
+
+        draft.hierarchy.levels = LevelsDraft::Word("two".into());
+        let err = draft_to_pb(&draft).unwrap_err().under("spec");
+        assert_eq!(
+            err.to_string(),
+            "spec.hierarchy.levels: is \"two\"; must be 1 to 3, or \"auto\""
+        );
+    }
+
+    #[test]
+    fn a_spec_round_trips_through_the_wire() {
+        let mut draft = good_draft();
+        draft.hierarchy.levels = LevelsDraft::Count(2);
+        let spec = draft.validate().unwrap();
+        assert_eq!(draft_from_pb(spec_to_pb(&spec)), draft);
     }
 }
