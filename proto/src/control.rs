@@ -243,6 +243,13 @@ pub struct JobStats {
     pub refs: u64,
     /// Page size backing the arena.
     pub page_bytes: u64,
+    /// Descriptors of this job the kernel redirected, over the job's life on
+    /// this node (endpoints that have left included).
+    pub kernel_routed: u64,
+    /// Kernel refusals (cross-job) of this job's senders, likewise.
+    pub kernel_refused: u64,
+    /// Descriptors of this job the kernel handed to the sidecar, likewise.
+    pub kernel_passed: u64,
 }
 
 /// One registered endpoint.

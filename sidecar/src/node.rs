@@ -15,7 +15,7 @@ use std::sync::{Mutex, MutexGuard};
 use lifl_proto::control::{
     EndpointStats, ErrorCode, Grant, JobStats, RefuseReason, Reply, SidecarStats,
 };
-use lifl_proto::descriptor::{DescError, Descriptor, RefEntry, DESC_SIZE};
+use lifl_proto::descriptor::{DescError, Descriptor, RefEntry, RouteStats, DESC_SIZE};
 use tokio::sync::mpsc;
 
 use crate::arena::{usable_hugepage_bytes, Arena, ArenaError};
@@ -160,6 +160,9 @@ struct State {
     gens: Vec<u32>,
     refused: BTreeMap<RefuseReason, u64>,
     routed_by_sidecar: u64,
+    /// Kernel counters of endpoints that have left, by job: a job's totals
+    /// outlive its short-lived aggregators.
+    departed: HashMap<u32, RouteStats>,
 }
 
 /// One node's endpoints, arenas and references.
@@ -294,6 +297,12 @@ impl Node {
             _ => return,
         }
         let record = state.endpoints.remove(&endpoint).expect("checked above");
+        match self.routes.route_stats(endpoint) {
+            Ok(counts) => *state.departed.entry(record.job).or_default() += counts,
+            Err(err) => {
+                tracing::warn!(endpoint, %err, "kernel counters of a departing endpoint lost")
+            }
+        }
         if let Err(err) = self.routes.remove_endpoint(endpoint, record.client_port) {
             tracing::error!(endpoint, %err, "could not remove endpoint from the routing maps");
         }
@@ -304,6 +313,7 @@ impl Node {
             && state.arenas.get(&job).is_some_and(|a| a.buffers() == 0);
         if job_idle {
             state.arenas.remove(&job);
+            state.departed.remove(&job);
         }
         tracing::info!(endpoint, job, released, "endpoint left");
     }
@@ -648,9 +658,21 @@ impl Node {
                 buffers: a.buffers() as u64,
                 refs: refs_by_job(a.job()),
                 page_bytes: a.page_bytes(),
+                ..JobStats::default()
             })
             .collect();
         jobs.sort_by_key(|j| j.job);
+
+        let mut kernel: HashMap<u32, RouteStats> = state.departed.clone();
+        for (&id, e) in &state.endpoints {
+            *kernel.entry(e.job).or_default() += self.routes.route_stats(id).unwrap_or_default();
+        }
+        for job in &mut jobs {
+            let counts = kernel.get(&job.job).copied().unwrap_or_default();
+            job.kernel_routed = counts.routed;
+            job.kernel_refused = counts.refused;
+            job.kernel_passed = counts.passed;
+        }
 
         let mut endpoints: Vec<EndpointStats> = state
             .endpoints
