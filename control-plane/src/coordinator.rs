@@ -221,6 +221,14 @@ pub enum CoordinatorError {
         /// Trainers the round admits.
         trainers_per_round: u32,
     },
+    /// Every leaf of the open round is on a node that is offline.
+    #[error("job {job_id}: every leaf of round {round} is on an offline node; retry later")]
+    NoOnlineLeaf {
+        /// Job id.
+        job_id: u32,
+        /// Round number.
+        round: u32,
+    },
     /// The next round could not be planned.
     #[error("job {job_id}: cannot plan round {round}")]
     Plan {
@@ -295,6 +303,14 @@ impl Coordinator {
             ..State::default()
         };
         for job in snapshot.jobs {
+            // A spec that no longer validates (edited, or from a laxer
+            // version) would break the planner's assumptions: refuse it.
+            if let Err(e) = JobSpecDraft::from(&job.spec).validate() {
+                return Err(StoreError::Corrupt {
+                    key: format!("jobs/{}", job.id),
+                    source: Box::new(e),
+                });
+            }
             if let Some(hash) = TokenHash::from_hex(&job.trainer_token_sha256) {
                 state.trainer_tokens.insert(hash, job.id);
             }
@@ -565,7 +581,7 @@ impl Coordinator {
     /// watchers and nodes.
     async fn start_round(&self, state: &mut State, mut job: Job) -> Result<(), CoordinatorError> {
         let round = u32::try_from(job.rounds.len() + 1).unwrap_or(u32::MAX);
-        let model_bytes = job.spec.model_bytes();
+        let model_bytes = job.spec.model_bytes()?;
         let candidates: Vec<NodeCandidate> = state
             .nodes
             .values()
@@ -635,7 +651,16 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Gives a trainer its leaf in the open round.
+    /// Gives a trainer its leaf in the open round: the leaf it is dealt, or
+    /// if that leaf's node went offline, the next leaf on an online node.
+    ///
+    /// LIMITATION: skipping a leaf does not rewrite the round's tree, so the
+    /// skipped leaf still expects the trainers it was dealt and waits for
+    /// them until the deadline, and the leaf that took them gets more inputs
+    /// than its `expected_inputs`. The node is offline anyway, so its leaf
+    /// would not have delivered them; the round still ends once the top
+    /// aggregator reports at least `min_trainers` updates. Replanning the
+    /// subtree onto an online node would close the gap.
     fn admit(
         &self,
         state: &mut State,
@@ -663,9 +688,13 @@ impl Coordinator {
                 trainers_per_round: per_round,
             });
         }
-        let leaf = topology
-            .leaf_for_trainer(joined)
-            .ok_or(CoordinatorError::NoRound(job_id))?;
+        let is_online = |leaf: &&Aggregator| nodes.get(&leaf.node_id).is_some_and(|n| n.online);
+        let leaf = topology.leaves_for_trainer(joined).find(is_online).ok_or(
+            CoordinatorError::NoOnlineLeaf {
+                job_id,
+                round: record.round,
+            },
+        )?;
         let gateway_address = nodes
             .get(&leaf.node_id)
             .map(|n| n.node.gateway_address.clone())
@@ -805,7 +834,12 @@ impl Coordinator {
     /// whose open round is past its deadline and grace.
     pub async fn check_liveness(&self) {
         let now = Instant::now();
-        let allowed = self.config.heartbeat_interval * self.config.missed_heartbeats.max(1);
+        // An allowance too long for a `Duration` never runs out.
+        let allowed = self
+            .config
+            .heartbeat_interval
+            .checked_mul(self.config.missed_heartbeats.max(1))
+            .unwrap_or(Duration::MAX);
         let mut state = self.state.lock().await;
         for entry in state.nodes.values_mut() {
             let late = entry
@@ -1047,6 +1081,68 @@ mod tests {
         coordinator.join_round(job.id, "t").await.unwrap();
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_trainer_dealt_a_leaf_on_an_offline_node_goes_to_the_next_online_leaf() {
+        let config = CoordinatorConfig {
+            heartbeat_interval: Duration::from_secs(1),
+            missed_heartbeats: 1,
+            ..CoordinatorConfig::default()
+        };
+        let (coordinator, _) = coordinator(config).await;
+        // One core each: the top and the two leaves land on three nodes.
+        for id in ["a", "b", "c"] {
+            coordinator
+                .register_node(Node {
+                    cores: 1,
+                    ..node(id)
+                })
+                .await
+                .unwrap();
+        }
+        let mut draft = good_draft();
+        draft.trainers_per_round = 4;
+        draft.min_trainers = 1;
+        draft.hierarchy.max_fan_in = 2;
+        let (job, _) = coordinator.create_job(&draft).await.unwrap();
+        let first = coordinator.join_round(job.id, "t0").await.unwrap();
+        let topology = coordinator.topology(job.id).await.unwrap();
+        let leaves = topology.leaves().to_vec();
+        assert_eq!(leaves.len(), 2);
+        assert_eq!(first.leaf_endpoint_id, leaves[0].endpoint_id);
+        let top_node = topology.aggregators[2].node_id.clone();
+        assert!(leaves.iter().all(|l| l.node_id != top_node));
+        assert_ne!(leaves[0].node_id, leaves[1].node_id);
+
+        // The first leaf's node stops heartbeating.
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        coordinator.heartbeat(&leaves[1].node_id).await.unwrap();
+        coordinator.heartbeat(&top_node).await.unwrap();
+        coordinator.check_liveness().await;
+
+        // t1 is dealt the second leaf; t2 the first, which is skipped.
+        for trainer in ["t1", "t2"] {
+            let joined = coordinator.join_round(job.id, trainer).await.unwrap();
+            assert_eq!(joined.leaf_endpoint_id, leaves[1].endpoint_id, "{trainer}");
+            assert_eq!(joined.node_id, leaves[1].node_id, "{trainer}");
+            assert_eq!(
+                joined.gateway_address,
+                format!("{}:7500", leaves[1].node_id)
+            );
+        }
+
+        // With both leaves' nodes offline, a new trainer is told to retry.
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        coordinator.heartbeat(&top_node).await.unwrap();
+        coordinator.check_liveness().await;
+        let err = coordinator.join_round(job.id, "t3").await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "job 1: every leaf of round 1 is on an offline node; retry later"
+        );
+        // A trainer that already joined keeps its assignment.
+        assert_eq!(coordinator.join_round(job.id, "t0").await.unwrap(), first);
+    }
+
     #[tokio::test]
     async fn a_round_without_a_result_past_its_deadline_fails_the_job() {
         let config = CoordinatorConfig {
@@ -1107,6 +1203,40 @@ mod tests {
         let err = coordinator.create_job(&good_draft()).await.unwrap_err();
         assert_eq!(error_chain(&err), "store write job failed: disk full");
         assert!(coordinator.jobs().await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_stored_spec_that_fails_validation_stops_start_up_naming_its_key() {
+        let (coordinator, store) = coordinator(CoordinatorConfig::default()).await;
+        coordinator.create_job(&good_draft()).await.unwrap();
+        let (job, _) = coordinator.create_job(&good_draft()).await.unwrap();
+        drop(coordinator);
+        let mut broken = job.clone();
+        broken.spec.max_fan_in = 1;
+        store.put_job(&broken).await.unwrap();
+
+        let store_dyn = Arc::clone(&store) as Arc<dyn Store>;
+        let err = Coordinator::open(store_dyn, CoordinatorConfig::default())
+            .await
+            .unwrap_err();
+        assert_eq!(
+            error_chain(&err),
+            "stored record jobs/2 is corrupt: hierarchy.max_fan_in: is 1; must be 2 to 65536"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_heartbeat_allowance_too_long_to_represent_never_runs_out() {
+        let config = CoordinatorConfig {
+            heartbeat_interval: Duration::MAX,
+            missed_heartbeats: 3,
+            ..CoordinatorConfig::default()
+        };
+        let (coordinator, _) = coordinator(config).await;
+        coordinator.register_node(node("n1")).await.unwrap();
+        tokio::time::advance(Duration::from_secs(365 * 24 * 3600)).await;
+        coordinator.check_liveness().await;
+        assert!(coordinator.nodes().await[0].online);
     }
 
     #[tokio::test]

@@ -73,9 +73,15 @@ impl Topology {
     /// The leaf the `index`-th trainer to join (from 0) sends to: trainers
     /// are dealt round the leaves, so leaf loads differ by at most one.
     pub fn leaf_for_trainer(&self, index: u32) -> Option<&Aggregator> {
+        self.leaves_for_trainer(index).next()
+    }
+
+    /// Every leaf, in the order the `index`-th trainer should try them: its
+    /// dealt leaf first, then the ones after it, wrapping round.
+    pub fn leaves_for_trainer(&self, index: u32) -> impl Iterator<Item = &Aggregator> {
         let leaves = self.leaves();
-        let n = u32::try_from(leaves.len()).ok().filter(|&n| n > 0)?;
-        leaves.get(usize::try_from(index % n).ok()?)
+        let start = usize::try_from(index).map_or(0, |i| i % leaves.len().max(1));
+        leaves[start..].iter().chain(&leaves[..start])
     }
 
     /// The highest endpoint id in the tree.

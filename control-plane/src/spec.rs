@@ -246,14 +246,31 @@ pub enum Levels {
 }
 
 impl JobSpec {
-    /// Bytes of one model update.
-    pub fn model_bytes(&self) -> u64 {
-        // Validation bounded the total, so this cannot overflow.
+    /// Bytes of one model update. Validation bounds the total, so the error
+    /// only comes from a spec built or stored without it.
+    pub fn model_bytes(&self) -> Result<u64, SpecError> {
         self.tensors
             .iter()
-            .map(|t| t.shape.iter().product::<u64>() * t.dtype.size_bytes())
-            .sum()
+            .try_fold(0u64, |total, t| {
+                total.checked_add(tensor_bytes(&t.shape, t.dtype)?)
+            })
+            .ok_or_else(|| {
+                let mut bad = Violations::default();
+                bad.add(
+                    "model.tensors",
+                    "the model's size in bytes overflows 64 bits",
+                );
+                bad.into_error()
+            })
     }
+}
+
+/// Bytes of one tensor, or `None` if that overflows 64 bits.
+fn tensor_bytes(shape: &[u64], dtype: DType) -> Option<u64> {
+    shape
+        .iter()
+        .try_fold(1u64, |elements, &dim| elements.checked_mul(dim))?
+        .checked_mul(dtype.size_bytes())
 }
 
 /// One field that failed validation: its path in the spec and why.
@@ -449,14 +466,12 @@ fn validate_tensors(model: &ModelLayoutDraft, bad: &mut Violations) -> Option<Ve
             );
             continue;
         }
-        let mut elements: Option<u64> = Some(1);
         for (d, &dim) in t.shape.iter().enumerate() {
             if dim == 0 {
                 bad.add(format!("{at}.shape[{d}]"), "must be at least 1");
             }
-            elements = elements.and_then(|e| e.checked_mul(dim));
         }
-        let bytes = elements.and_then(|e| e.checked_mul(dtype.map_or(4, DType::size_bytes)));
+        let bytes = tensor_bytes(&t.shape, dtype.unwrap_or(DType::F32));
         total_bytes = bytes
             .and_then(|b| total_bytes.checked_add(b))
             .unwrap_or(u64::MAX);
@@ -653,7 +668,7 @@ pub(crate) mod tests {
     fn good_spec_validates_and_sizes_its_model() {
         let spec = good_draft().validate().unwrap();
         assert_eq!(spec.levels, Levels::Auto);
-        assert_eq!(spec.model_bytes(), (32 * 9 + 10) * 4);
+        assert_eq!(spec.model_bytes(), Ok((32 * 9 + 10) * 4));
         assert_eq!(JobSpecDraft::from(&spec), good_draft());
     }
 
@@ -778,6 +793,24 @@ pub(crate) mod tests {
             planner::size_tree(1_000_000, 32, Levels::Auto).aggregators(),
             32_259
         );
+    }
+
+    #[test]
+    fn model_bytes_reports_overflow_instead_of_wrapping() {
+        let mut spec = good_draft().validate().unwrap();
+        spec.tensors[0].shape = vec![u64::MAX / 8];
+        assert_eq!(spec.model_bytes(), Ok(u64::MAX / 8 * 4 + 10 * 4));
+
+        // Each tensor fits in 64 bits; their sum does not.
+        spec.tensors[0].shape = vec![u64::MAX / 4];
+        spec.tensors[1].shape = vec![u64::MAX / 4];
+        let err = spec.model_bytes().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "model.tensors: the model's size in bytes overflows 64 bits"
+        );
+        spec.tensors[1].shape = vec![u64::MAX, 2];
+        assert!(spec.model_bytes().is_err());
     }
 
     #[test]

@@ -38,22 +38,28 @@ struct Args {
     /// token. Prefer the environment variable to keep it out of `ps`.
     #[arg(long, env = "LIFL_CONTROL_PLANE_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
-    /// How often nodes must send heartbeats, in milliseconds.
+    /// How often nodes must send heartbeats, in milliseconds (10 to one
+    /// hour).
     #[arg(long, env = "LIFL_CONTROL_PLANE_HEARTBEAT_INTERVAL_MS", default_value_t = 5000,
-          value_parser = clap::value_parser!(u64).range(10..))]
+          value_parser = clap::value_parser!(u64).range(10..=MAX_HEARTBEAT_INTERVAL_MS))]
     heartbeat_interval_ms: u64,
-    /// Heartbeats a node may miss before it is marked offline.
+    /// Heartbeats a node may miss before it is marked offline (1 to 1000).
     #[arg(long, env = "LIFL_CONTROL_PLANE_MISSED_HEARTBEATS", default_value_t = 3,
-          value_parser = clap::value_parser!(u32).range(1..))]
+          value_parser = clap::value_parser!(u32).range(1..=MAX_MISSED_HEARTBEATS))]
     missed_heartbeats: u32,
-    /// Time past a round's deadline before its job fails, in milliseconds.
-    #[arg(
-        long,
-        env = "LIFL_CONTROL_PLANE_ROUND_GRACE_MS",
-        default_value_t = 30_000
-    )]
+    /// Time past a round's deadline before its job fails, in milliseconds (up
+    /// to one week).
+    #[arg(long, env = "LIFL_CONTROL_PLANE_ROUND_GRACE_MS", default_value_t = 30_000,
+          value_parser = clap::value_parser!(u64).range(0..=MAX_ROUND_GRACE_MS))]
     round_grace_ms: u64,
 }
+
+/// Longest heartbeat interval: one hour.
+const MAX_HEARTBEAT_INTERVAL_MS: u64 = 3600 * 1000;
+/// Most heartbeats a node may miss; with the interval, at most 1000 hours.
+const MAX_MISSED_HEARTBEATS: i64 = 1000;
+/// Longest round grace: one week.
+const MAX_ROUND_GRACE_MS: u64 = 7 * 24 * 3600 * 1000;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -96,4 +102,48 @@ async fn main() -> anyhow::Result<()> {
     });
 
     running.wait().await.context("serve the control plane")
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::error::ErrorKind;
+
+    use super::*;
+
+    fn parse(flags: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("lifl-control-plane").chain(flags.iter().copied()))
+    }
+
+    #[test]
+    fn timing_flags_are_bounded() {
+        let args = parse(&[
+            "--heartbeat-interval-ms=3600000",
+            "--missed-heartbeats=1000",
+            "--round-grace-ms=604800000",
+        ])
+        .unwrap();
+        assert_eq!(
+            (
+                args.heartbeat_interval_ms,
+                args.missed_heartbeats,
+                args.round_grace_ms
+            ),
+            (3_600_000, 1000, 604_800_000)
+        );
+
+        for (flag, range) in [
+            ("--heartbeat-interval-ms=9", "10..=3600000"),
+            ("--heartbeat-interval-ms=3600001", "10..=3600000"),
+            ("--missed-heartbeats=0", "1..=1000"),
+            ("--missed-heartbeats=1001", "1..=1000"),
+            ("--round-grace-ms=604800001", "0..=604800000"),
+        ] {
+            let err = parse(&[flag]).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::ValueValidation, "{flag}");
+            assert!(
+                err.to_string().contains(&format!("not in {range}")),
+                "{flag}: {err}"
+            );
+        }
+    }
 }

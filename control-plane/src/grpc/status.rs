@@ -20,9 +20,9 @@ pub(super) fn from_coordinator(e: CoordinatorError) -> Status {
         CoordinatorError::JobNotFound(_)
         | CoordinatorError::NodeNotFound(_)
         | CoordinatorError::NoRound(_) => Status::not_found(e.to_string()),
-        CoordinatorError::JobEnded { .. } | CoordinatorError::WrongRound { .. } => {
-            Status::failed_precondition(e.to_string())
-        }
+        CoordinatorError::JobEnded { .. }
+        | CoordinatorError::WrongRound { .. }
+        | CoordinatorError::NoOnlineLeaf { .. } => Status::failed_precondition(e.to_string()),
         CoordinatorError::Plan { source, .. } => match source {
             PlanError::NoNode => Status::failed_precondition(error_chain(&e)),
             PlanError::EndpointIdsExhausted { .. } => Status::resource_exhausted(error_chain(&e)),

@@ -62,14 +62,15 @@ pub enum StoreError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    /// A stored record does not decode.
+    /// A stored record does not decode, or decodes to something that
+    /// fails validation (a spec this version refuses).
     #[error("stored record {key} is corrupt")]
     Corrupt {
         /// The record's key, such as `jobs/3`.
         key: String,
-        /// Why it does not decode.
+        /// Why it is unusable.
         #[source]
-        source: serde_json::Error,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// A record does not encode (a bug, not bad input).
     #[error("encode record {key}")]

@@ -67,7 +67,10 @@ impl RedbStore {
 }
 
 fn decode<T: DeserializeOwned>(key: String, bytes: &[u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt { key, source })
+    serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt {
+        key,
+        source: Box::new(source),
+    })
 }
 
 fn read_all(db: &Database) -> Result<Snapshot, StoreError> {
