@@ -37,6 +37,9 @@
 //! [`fedavg`] folds received updates into a weighted average in place, for
 //! aggregators.
 //!
+//! [`training`] is the trainers' side: a seeded non-IID synthetic dataset
+//! and softmax regression trained locally by SGD.
+//!
 //! Errors say whose fault they are ([`SdkError::fault`]) and whether the
 //! same call can succeed later ([`SdkError::is_retryable`]).
 
@@ -44,6 +47,7 @@ mod buffer;
 mod endpoint;
 mod error;
 pub mod fedavg;
+pub mod training;
 
 pub use buffer::{BufferMut, Sendable, Update, UpdateMeta};
 pub use endpoint::{stats, Endpoint, Registration};
