@@ -302,13 +302,23 @@ pub struct Peer {
 impl Peer {
     /// Starts `lifl-dp-peer <args>` against `sidecar`, as the same user.
     pub fn start(sidecar: &SidecarProcess, args: &[&str]) -> anyhow::Result<Self> {
-        let mut cmd = command_for(sidecar.mode(), &binary("lifl-dp-peer")?);
+        Self::start_program(sidecar, "lifl-dp-peer", args)
+    }
+
+    /// Starts the workspace binary `program` with `--socket` and `args`, as
+    /// the sidecar's user; it must print JSON event lines.
+    pub fn start_program(
+        sidecar: &SidecarProcess,
+        program: &str,
+        args: &[&str],
+    ) -> anyhow::Result<Self> {
+        let mut cmd = command_for(sidecar.mode(), &binary(program)?);
         cmd.arg("--socket").arg(sidecar.socket()).args(args);
         let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
-            .context("spawn lifl-dp-peer")?;
+            .with_context(|| format!("spawn {program}"))?;
         let stdin = child.stdin.take();
         let stdout = child.stdout.take().expect("stdout is piped");
         Ok(Self {
@@ -442,4 +452,24 @@ impl LatencySummary {
             "mean_us": mean,
         })
     }
+}
+
+/// The model update trainer `k` sends in the aggregation scenarios: `params`
+/// values in [-1, 1), different for every `k`.
+pub fn update_values(k: u64, params: usize) -> Vec<f32> {
+    let mut x = k.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..params)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+/// The sample count behind trainer `k`'s update: uneven on purpose, so a
+/// plain mean and the weighted one differ.
+pub fn update_samples(k: u64) -> u64 {
+    10 + (k * 37) % 91
 }

@@ -159,7 +159,10 @@ mod tests {
     fn close(a: &[f32], b: &[f64], rel: f64) {
         let scale = b.iter().fold(0.0f64, |m, y| m.max(y.abs()));
         for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
-            assert!((f64::from(x) - y).abs() <= rel * scale, "param {i}: {x} vs {y}");
+            assert!(
+                (f64::from(x) - y).abs() <= rel * scale,
+                "param {i}: {x} vs {y}"
+            );
         }
     }
 

@@ -43,6 +43,7 @@
 //! Errors say whose fault they are ([`SdkError::fault`]) and whether the
 //! same call can succeed later ([`SdkError::is_retryable`]).
 
+pub mod aggregator;
 mod buffer;
 mod endpoint;
 mod error;

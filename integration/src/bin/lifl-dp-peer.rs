@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use lifl_integration::{emit, fill_payload, payload_matches, LatencySummary};
+use lifl_integration::{
+    emit, fill_payload, payload_matches, update_samples, update_values, LatencySummary,
+};
 use lifl_proto::descriptor::{DescKind, Descriptor, DESC_MAGIC, DESC_VERSION};
 use lifl_sdk::{Endpoint, Fault, Registration, SdkError, UpdateMeta};
 use serde_json::json;
@@ -65,6 +67,23 @@ enum Scenario {
     Exhaust {
         #[arg(long)]
         len: u64,
+    },
+    /// Act as the trainers' gateway: send `count` updates of `params` f32
+    /// values, update k to leaf `leaves[k % len]`.
+    Push {
+        #[arg(long)]
+        count: u64,
+        #[arg(long)]
+        params: usize,
+        #[arg(long, value_delimiter = ',')]
+        leaves: Vec<u32>,
+        #[arg(long, default_value_t = 1)]
+        round: u32,
+    },
+    /// Receive one model and print its values.
+    Collect {
+        #[arg(long)]
+        endpoint: u32,
     },
     /// Send every update received straight back to its sender.
     Pong {
@@ -138,6 +157,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Scenario::CrossJob { other_job } => cross_job(&args, other_job).await?,
         Scenario::Malformed => malformed(&args).await?,
         Scenario::Exhaust { len } => vec![exhaust(&args, len).await?],
+        Scenario::Push {
+            count,
+            params,
+            ref leaves,
+            round,
+        } => {
+            vec![push(&args, count, params, leaves, round).await?]
+        }
+        Scenario::Collect { endpoint } => vec![collect(&args, endpoint).await?],
         Scenario::Pong { endpoint } => vec![pong(&args, endpoint).await?],
         Scenario::Ping {
             endpoint,
@@ -466,4 +494,43 @@ async fn tcp_echo(addr: std::net::SocketAddr) -> anyhow::Result<()> {
         stream.write_all(&msg).await?;
     }
     Ok(())
+}
+
+async fn push(
+    args: &Args,
+    count: u64,
+    params: usize,
+    leaves: &[u32],
+    round: u32,
+) -> anyhow::Result<Endpoint> {
+    anyhow::ensure!(!leaves.is_empty(), "no leaves to push to");
+    let ep = register(args, args.job, "gateway", None).await?;
+    for k in 0..count {
+        let mut buffer = ep.alloc((params * 4) as u64).await?;
+        buffer
+            .as_mut_f32()?
+            .copy_from_slice(&update_values(k, params));
+        let meta = UpdateMeta {
+            round,
+            kind: DescKind::Update,
+            samples: update_samples(k),
+        };
+        ep.send(leaves[(k % leaves.len() as u64) as usize], buffer, meta)
+            .await?;
+    }
+    emit(json!({"event": "done", "pushed": count}));
+    Ok(ep)
+}
+
+async fn collect(args: &Args, id: u32) -> anyhow::Result<Endpoint> {
+    let ep = register(args, args.job, "collector", Some(id)).await?;
+    emit(json!({"event": "ready", "endpoint": ep.id()}));
+    let model = ep.recv().await?;
+    let meta = model.meta();
+    emit(
+        json!({"event": "model", "src": model.src(), "round": meta.round,
+                "kind": format!("{:?}", meta.kind), "samples": meta.samples,
+                "values": model.as_f32()?}),
+    );
+    Ok(ep)
 }

@@ -1,0 +1,256 @@
+//! One aggregator's round: receive the expected updates (or partial results)
+//! from its children, fold them with [`fedavg`](crate::fedavg), and pass the
+//! result on: to its parent as a partial, or, at the top, as the new global
+//! model with a checkpoint on disk.
+//!
+//! The same code serves leaves, middles and the top; only where the result
+//! goes differs. Eager mode folds every batch of arrived updates at once and
+//! releases them; lazy mode holds the references (in the arena, not in this
+//! process) until every child has reported, or the deadline has passed with
+//! the minimum in, then folds them all. Either way the process keeps one
+//! model-sized sum, whatever its number of children.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use futures_util::FutureExt;
+use sha2::{Digest, Sha256};
+
+use crate::fedavg::{Accumulator, FoldError};
+use crate::{DescKind, Endpoint, SdkError, Update, UpdateMeta};
+
+/// Updates folded in one pass over the accumulator.
+const FOLD_BATCH: usize = 8;
+
+/// Where an aggregator sits in the tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Receives trainers' updates; sends a partial to its parent.
+    Leaf,
+    /// Receives partials; sends a partial to its parent.
+    Middle,
+    /// Receives partials (or updates, in a one-level tree); publishes the
+    /// global model.
+    Top,
+}
+
+/// When updates are folded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// As they arrive.
+    Eager,
+    /// Once all have arrived, or the deadline has passed with the minimum.
+    Lazy,
+}
+
+/// What one aggregator does in one round.
+#[derive(Debug, Clone)]
+pub struct RoundPlan {
+    /// Its place in the tree.
+    pub role: Role,
+    /// Eager or lazy.
+    pub mode: Mode,
+    /// The round it aggregates; other rounds' updates are refused.
+    pub round: u32,
+    /// Parameters (f32) in the model layout.
+    pub params: usize,
+    /// Children expected to report.
+    pub expected: u32,
+    /// Fewest children that make a result once the deadline has passed.
+    pub minimum: u32,
+    /// When to stop waiting for the rest.
+    pub deadline: Instant,
+    /// Endpoint the result goes to: the parent, or for the top the endpoint
+    /// that serves the global model (if any).
+    pub send_to: Option<u32>,
+    /// Where the top writes `job-J-round-R.f32` and its `.sha256`.
+    pub checkpoint_dir: Option<PathBuf>,
+}
+
+/// What an aggregator did in a round.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoundOutcome {
+    /// Children whose results were folded.
+    pub children: u32,
+    /// Children's results refused (wrong round, kind or length).
+    pub refused: u32,
+    /// Samples behind the result.
+    pub samples: u64,
+    /// SHA-256 of the result's bytes, hex.
+    pub sha256: String,
+    /// The checkpoint written, at the top.
+    pub checkpoint: Option<PathBuf>,
+}
+
+/// Why a round could not produce a result.
+#[derive(Debug, thiserror::Error)]
+pub enum AggregatorError {
+    /// The deadline passed before the minimum of children reported.
+    #[error("deadline passed with {received} of at least {minimum} children reported")]
+    Incomplete {
+        /// Children that reported.
+        received: u32,
+        /// Children required.
+        minimum: u32,
+    },
+    /// Folding failed (a length slipped past the checks, or sample overflow).
+    #[error("fold: {0}")]
+    Fold(#[from] FoldError),
+    /// The data path failed.
+    #[error("data path: {0}")]
+    Sdk(#[from] SdkError),
+    /// Writing the checkpoint failed.
+    #[error("write checkpoint {path}: {source}")]
+    Checkpoint {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Runs one round of `plan` on `endpoint`.
+pub async fn run_round(
+    endpoint: &Endpoint,
+    plan: &RoundPlan,
+) -> Result<RoundOutcome, AggregatorError> {
+    let mut acc = Accumulator::new(plan.params);
+    let mut held: Vec<Update> = Vec::new();
+    let (mut children, mut refused) = (0u32, 0u32);
+
+    while children < plan.expected {
+        let first = tokio::select! {
+            update = endpoint.recv() => update?,
+            _ = tokio::time::sleep_until(plan.deadline.into()) => break,
+        };
+        // Take whatever else has already arrived, without waiting.
+        let mut batch = vec![first];
+        while batch.len() < FOLD_BATCH && children + (batch.len() as u32) < plan.expected {
+            match endpoint.recv().now_or_never() {
+                Some(update) => batch.push(update?),
+                None => break,
+            }
+        }
+        batch.retain(|u| {
+            let ok = accepts(plan, u);
+            refused += u32::from(!ok);
+            ok
+        });
+        children += batch.len() as u32;
+        match plan.mode {
+            Mode::Eager => fold_all(&mut acc, &batch)?,
+            Mode::Lazy => held.extend(batch),
+        }
+    }
+    if children < plan.minimum || children == 0 {
+        return Err(AggregatorError::Incomplete {
+            received: children,
+            minimum: plan.minimum,
+        });
+    }
+    for chunk in held.chunks(FOLD_BATCH) {
+        fold_all(&mut acc, chunk)?;
+    }
+    drop(held);
+
+    publish(endpoint, plan, &acc, children, refused).await
+}
+
+/// Whether a child's result belongs in this round's fold.
+fn accepts(plan: &RoundPlan, update: &Update) -> bool {
+    let meta = update.meta();
+    let kind_ok = match plan.role {
+        Role::Leaf => meta.kind == DescKind::Update,
+        Role::Middle => meta.kind == DescKind::Partial,
+        Role::Top => matches!(meta.kind, DescKind::Update | DescKind::Partial),
+    };
+    kind_ok
+        && meta.round == plan.round
+        && meta.samples > 0
+        && update.len() == (plan.params * 4) as u64
+}
+
+fn fold_all(acc: &mut Accumulator, updates: &[Update]) -> Result<(), AggregatorError> {
+    let mut batch = Vec::with_capacity(updates.len());
+    for update in updates {
+        batch.push((update.as_f32()?, update.meta().samples));
+    }
+    acc.fold(&batch)?;
+    Ok(())
+}
+
+/// Writes the mean once into the arena and sends it on; the top also
+/// checkpoints it.
+async fn publish(
+    endpoint: &Endpoint,
+    plan: &RoundPlan,
+    acc: &Accumulator,
+    children: u32,
+    refused: u32,
+) -> Result<RoundOutcome, AggregatorError> {
+    let mut result = endpoint.alloc((plan.params * 4) as u64).await?;
+    let samples = acc.write_mean(result.as_mut_f32()?)?;
+    let sha256 = hex(&Sha256::digest(result.as_bytes()));
+
+    let checkpoint = match (&plan.checkpoint_dir, plan.role) {
+        (Some(dir), Role::Top) => Some(write_checkpoint(
+            dir,
+            endpoint.job(),
+            plan.round,
+            &result,
+            &sha256,
+        )?),
+        _ => None,
+    };
+    let kind = if plan.role == Role::Top {
+        DescKind::Model
+    } else {
+        DescKind::Partial
+    };
+    if let Some(to) = plan.send_to {
+        let meta = UpdateMeta {
+            round: plan.round,
+            kind,
+            samples,
+        };
+        endpoint.send(to, result, meta).await?;
+    }
+    Ok(RoundOutcome {
+        children,
+        refused,
+        samples,
+        sha256,
+        checkpoint,
+    })
+}
+
+fn write_checkpoint(
+    dir: &std::path::Path,
+    job: u32,
+    round: u32,
+    model: &crate::BufferMut,
+    sha256: &str,
+) -> Result<PathBuf, AggregatorError> {
+    let path = dir.join(format!("job-{job}-round-{round}.f32"));
+    let failed = |source| AggregatorError::Checkpoint {
+        path: path.clone(),
+        source,
+    };
+    // Written aside, then renamed: a reader never sees half a model.
+    let partial = path.with_extension("f32.partial");
+    std::fs::create_dir_all(dir).map_err(failed)?;
+    std::fs::write(&partial, model.as_bytes()).map_err(failed)?;
+    std::fs::rename(&partial, &path).map_err(failed)?;
+    let digest = format!(
+        "{sha256}  {}\n",
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default()
+    );
+    std::fs::write(path.with_extension("f32.sha256"), digest).map_err(failed)?;
+    Ok(path)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
