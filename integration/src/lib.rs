@@ -171,6 +171,22 @@ impl SidecarProcess {
         }
     }
 
+    /// Stops the sidecar with SIGINT, as Ctrl-C would, and returns how it
+    /// exited.
+    pub fn interrupt(mut self) -> anyhow::Result<ExitStatus> {
+        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGINT)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("the sidecar ignored SIGINT");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Stops the sidecar with SIGTERM and returns how it exited.
     pub fn stop(mut self) -> anyhow::Result<ExitStatus> {
         terminate(&mut self.child, Duration::from_secs(10))

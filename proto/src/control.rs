@@ -142,6 +142,9 @@ pub enum ErrorCode {
     NotHolder,
     /// The endpoint id is taken by a live endpoint.
     EndpointTaken,
+    /// The node serves its limit of endpoints or jobs; retry elsewhere or
+    /// later.
+    NodeFull,
     /// The sidecar failed on its side.
     Internal,
 }
@@ -151,7 +154,11 @@ impl ErrorCode {
     pub fn is_retryable(self) -> bool {
         matches!(
             self,
-            Self::ArenaFull | Self::RefsExhausted | Self::CreditExhausted | Self::Internal
+            Self::ArenaFull
+                | Self::RefsExhausted
+                | Self::CreditExhausted
+                | Self::NodeFull
+                | Self::Internal
         )
     }
 }

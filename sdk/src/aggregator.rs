@@ -100,7 +100,7 @@ pub enum AggregatorError {
     #[error("data path: {0}")]
     Sdk(#[from] SdkError),
     /// Writing the checkpoint failed.
-    #[error("write checkpoint {path}: {source}")]
+    #[error("write checkpoint {path}")]
     Checkpoint {
         /// The file.
         path: PathBuf,

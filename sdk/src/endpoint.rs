@@ -27,6 +27,11 @@ use tokio_util::codec::{FramedRead, LinesCodec};
 use crate::buffer::{BufferMut, HeldRef, Sendable, Update, UpdateMeta};
 use crate::error::SdkError;
 
+/// Refusal notices kept for [`Endpoint::recv`]; once this many wait unread,
+/// newer ones are dropped rather than kept in memory (the sidecar counts
+/// every refusal).
+const MAX_QUEUED_NOTICES: usize = 1024;
+
 /// What to register as.
 #[derive(Debug, Clone)]
 pub struct Registration {
@@ -97,8 +102,34 @@ pub struct Endpoint {
     shared: Arc<Shared>,
     next_request: AtomicU64,
     next_seq: AtomicU64,
-    writer: tokio::sync::Mutex<tokio::net::tcp::OwnedWriteHalf>,
+    writer: tokio::sync::Mutex<Outbox>,
     inbox: tokio::sync::Mutex<Inbox>,
+}
+
+/// The sending side: the descriptor socket and whatever bytes of committed
+/// descriptors it has not taken yet.
+#[derive(Debug)]
+struct Outbox {
+    socket: tokio::net::tcp::OwnedWriteHalf,
+    /// Bytes of descriptors already committed but not yet written: a send
+    /// cancelled mid-write leaves its tail here, and the next send writes it
+    /// first, so the stream never carries part of a descriptor.
+    unwritten: Vec<u8>,
+}
+
+impl Outbox {
+    async fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.unwritten.extend_from_slice(bytes);
+        while !self.unwritten.is_empty() {
+            // `write` is cancel-safe: what it took is gone from the buffer.
+            let n = self.socket.write(&self.unwritten).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            self.unwritten.drain(..n);
+        }
+        Ok(())
+    }
 }
 
 /// The receiving side: the descriptor socket and the refusal notices.
@@ -110,7 +141,9 @@ struct Inbox {
     start: usize,
     end: usize,
     /// Refusals and protocol errors from the control task.
-    notices: mpsc::UnboundedReceiver<SdkError>,
+    notices: mpsc::Receiver<SdkError>,
+    /// The sidecar closed the descriptor socket; only notices remain.
+    drained: bool,
 }
 
 impl Endpoint {
@@ -159,7 +192,7 @@ impl Endpoint {
 
         let (control, control_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared { arena, control });
-        let (notices_tx, notices) = mpsc::unbounded_channel();
+        let (notices_tx, notices) = mpsc::channel(MAX_QUEUED_NOTICES);
         tokio::spawn(run_control(stream, control_rx, notices_tx));
         let inbox = Inbox {
             socket: read,
@@ -167,6 +200,7 @@ impl Endpoint {
             start: 0,
             end: 0,
             notices,
+            drained: false,
         };
 
         Ok(Self {
@@ -176,7 +210,10 @@ impl Endpoint {
             shared,
             next_request: AtomicU64::new(2),
             next_seq: AtomicU64::new(1),
-            writer: tokio::sync::Mutex::new(write),
+            writer: tokio::sync::Mutex::new(Outbox {
+                socket: write,
+                unwritten: Vec::new(),
+            }),
             inbox: tokio::sync::Mutex::new(inbox),
         })
     }
@@ -287,11 +324,11 @@ impl Endpoint {
             samples: meta.samples,
             seq,
         };
-        let mut writer = self.writer.lock().await;
-        // Once any byte is written the reference has left this endpoint,
-        // whatever the outcome; if nothing was written, `held` releases it.
-        writer.write_all(desc.as_bytes()).await?;
+        let mut outbox = self.writer.lock().await;
+        // Committed: the descriptor will be written whole, even if this
+        // future is dropped, so the reference leaves this endpoint now.
         held.into_sent();
+        outbox.write(desc.as_bytes()).await?;
         Ok(seq)
     }
 
@@ -300,7 +337,7 @@ impl Endpoint {
     /// malformed input; real code uses [`Endpoint::send`].
     #[doc(hidden)]
     pub async fn write_raw_descriptor_bytes(&self, bytes: &[u8]) -> Result<(), SdkError> {
-        self.writer.lock().await.write_all(bytes).await?;
+        self.writer.lock().await.write(bytes).await?;
         Ok(())
     }
 
@@ -322,12 +359,18 @@ impl Endpoint {
             start,
             end,
             notices,
+            drained,
         } = &mut *inbox;
         loop {
             if *end - *start >= DESC_SIZE {
                 let raw = &buf[*start..*start + DESC_SIZE];
                 *start += DESC_SIZE;
                 return admit(raw, &self.shared);
+            }
+            if *drained {
+                // Notices the sidecar sent before closing come first; the
+                // control connection's end then reads as `Closed`.
+                return Err(notices.recv().await.unwrap_or(SdkError::Closed));
             }
             // Keep a partial descriptor at the front, with room behind it.
             buf.copy_within(*start..*end, 0);
@@ -338,7 +381,7 @@ impl Endpoint {
                 biased;
                 notice = notices.recv() => return Err(notice.unwrap_or(SdkError::Closed)),
                 read = socket.read(&mut buf[*end..]) => match read? {
-                    0 => return Err(SdkError::Closed),
+                    0 => *drained = true,
                     n => *end += n,
                 },
             }
@@ -402,7 +445,7 @@ fn parse_reply(line: &str) -> Result<Reply, SdkError> {
 async fn run_control(
     stream: UnixStream,
     mut outgoing: mpsc::UnboundedReceiver<Outgoing>,
-    notices: mpsc::UnboundedSender<SdkError>,
+    notices: mpsc::Sender<SdkError>,
 ) {
     let (read, mut write) = stream.into_split();
     let pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Reply>>>> = Arc::default();
@@ -451,14 +494,14 @@ async fn run_control(
 async fn route_replies(
     read: tokio::net::unix::OwnedReadHalf,
     pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Reply>>>>,
-    notices: mpsc::UnboundedSender<SdkError>,
+    notices: mpsc::Sender<SdkError>,
 ) {
     let mut lines = FramedRead::new(read, LinesCodec::new_with_max_length(MAX_LINE_BYTES));
     while let Some(Ok(line)) = lines.next().await {
         let reply = match parse_reply(&line) {
             Ok(reply) => reply,
             Err(err) => {
-                let _ = notices.send(err);
+                let _ = notices.try_send(err);
                 continue;
             }
         };
@@ -469,7 +512,7 @@ async fn route_replies(
                     dst: *dst,
                     reason: *reason,
                 };
-                let _ = notices.send(refused);
+                let _ = notices.try_send(refused);
                 continue;
             }
             Reply::Registered { id, .. }
@@ -486,13 +529,14 @@ async fn route_replies(
                 let _ = answer.send(reply);
             }
             None => {
-                let _ = notices.send(SdkError::Protocol(format!("unasked reply {reply:?}")));
+                let _ = notices.try_send(SdkError::Protocol(format!("unasked reply {reply:?}")));
             }
         }
     }
     // Pending callers see their answer channel close: `SdkError::Closed`.
     pending.lock().unwrap_or_else(|e| e.into_inner()).clear();
-    let _ = notices.send(SdkError::Closed);
+    // Waits for room: the end of the connection must not be lost.
+    let _ = notices.send(SdkError::Closed).await;
 }
 
 /// Turns 64 received bytes into an update, or says why they are not one.

@@ -56,6 +56,15 @@ pub struct Config {
     #[arg(long, env = "LIFL_SIDECAR_MAX_REFS", default_value_t = DEFAULT_MAX_REFS)]
     pub max_refs: u32,
 
+    /// Most endpoints registered at once (at most 4096 on the kernel path,
+    /// the size of its maps).
+    #[arg(long, env = "LIFL_SIDECAR_MAX_ENDPOINTS", default_value_t = 4096)]
+    pub max_endpoints: usize,
+
+    /// Most jobs with an arena on this node at once.
+    #[arg(long, env = "LIFL_SIDECAR_MAX_JOBS", default_value_t = 8)]
+    pub max_jobs: usize,
+
     /// Never back arenas with hugepages, even when some are free.
     #[arg(long, env = "LIFL_SIDECAR_NO_HUGEPAGES")]
     pub no_hugepages: bool,

@@ -26,7 +26,10 @@ use tokio_util::sync::CancellationToken;
 use crate::bpf::SkMsgRouter;
 use crate::config::{Config, DataplaneChoice};
 use crate::node::{Node, NodeConfig};
-use crate::routes::{KernelRoutes, Routes, UserRoutes};
+use crate::routes::{Dataplane, KernelRoutes, Routes, UserRoutes};
+
+/// Sockets the kernel's maps hold (`LIFL_MAX_ENDPOINTS` in `lifl.h`).
+const KERNEL_MAX_ENDPOINTS: usize = 4096;
 
 /// How often references stranded by a departed endpoint are looked for.
 const ORPHAN_SWEEP_EVERY: Duration = Duration::from_secs(1);
@@ -35,7 +38,7 @@ const ORPHAN_SWEEP_EVERY: Duration = Duration::from_secs(1);
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let routes = open_dataplane(&config)?;
     tracing::info!("dataplane={}", routes.dataplane().as_str());
-    let node = Arc::new(Node::new(node_config(&config), routes));
+    let node = Arc::new(Node::new(node_config(&config, routes.dataplane()), routes));
 
     let listener = bind(&config.socket, config.socket_group.as_deref())?;
     tracing::info!(socket = %config.socket.display(), "serving registrations");
@@ -55,12 +58,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn node_config(config: &Config) -> NodeConfig {
+fn node_config(config: &Config, dataplane: Dataplane) -> NodeConfig {
+    let max_endpoints = match dataplane {
+        // The kernel's maps hold this many sockets and no more.
+        Dataplane::SkMsg => config.max_endpoints.min(KERNEL_MAX_ENDPOINTS),
+        Dataplane::Userspace => config.max_endpoints,
+    };
     NodeConfig {
         arena_bytes: config.arena_bytes,
         endpoint_credit: config.endpoint_credit,
         max_refs: config.max_refs,
         hugepages: !config.no_hugepages,
+        max_endpoints,
+        max_jobs: config.max_jobs,
     }
 }
 

@@ -32,6 +32,10 @@ pub struct NodeConfig {
     pub max_refs: u32,
     /// Back arenas with hugepages when enough are free.
     pub hugepages: bool,
+    /// Most endpoints registered at once.
+    pub max_endpoints: usize,
+    /// Most jobs with an arena at once.
+    pub max_jobs: usize,
 }
 
 /// A request the node refused, with the code the endpoint sees.
@@ -163,6 +167,8 @@ struct State {
     /// Kernel counters of endpoints that have left, by job: a job's totals
     /// outlive its short-lived aggregators.
     departed: HashMap<u32, RouteStats>,
+    /// An endpoint left since the last sweep, so references may be stranded.
+    needs_sweep: bool,
 }
 
 /// One node's endpoints, arenas and references.
@@ -216,6 +222,24 @@ impl Node {
             ));
         }
         let mut state = self.lock();
+        if state.endpoints.len() >= self.config.max_endpoints {
+            return Err(NodeError::new(
+                ErrorCode::NodeFull,
+                format!(
+                    "this node serves its limit of {} endpoints",
+                    self.config.max_endpoints
+                ),
+            ));
+        }
+        if !state.arenas.contains_key(&reg.job) && state.arenas.len() >= self.config.max_jobs {
+            return Err(NodeError::new(
+                ErrorCode::NodeFull,
+                format!(
+                    "this node holds arenas for its limit of {} jobs",
+                    self.config.max_jobs
+                ),
+            ));
+        }
         let endpoint = match reg.endpoint {
             Some(0) => {
                 return Err(NodeError::new(
@@ -307,6 +331,7 @@ impl Node {
             tracing::error!(endpoint, %err, "could not remove endpoint from the routing maps");
         }
         let released = self.release_where(&mut state, |holder| holder == endpoint);
+        state.needs_sweep = true;
 
         let job = record.job;
         let job_idle = !state.endpoints.values().any(|e| e.job == job)
@@ -320,13 +345,31 @@ impl Node {
 
     /// Releases references whose holder is no longer registered: references
     /// in flight to an endpoint when it died. Returns how many.
+    /// Runs only after an endpoint has left; arenas of jobs left with no
+    /// endpoint and no buffer are dropped too.
     pub fn sweep_orphans(&self) -> usize {
         let mut state = self.lock();
+        if !std::mem::take(&mut state.needs_sweep) {
+            return 0;
+        }
         let live: HashSet<u32> = state.endpoints.keys().copied().collect();
         let swept = self.release_where(&mut state, |holder| !live.contains(&holder));
         if swept > 0 {
             tracing::warn!(swept, "released references held by departed endpoints");
         }
+        let State {
+            arenas,
+            endpoints,
+            departed,
+            ..
+        } = &mut *state;
+        arenas.retain(|job, arena| {
+            let idle = arena.buffers() == 0 && !endpoints.values().any(|e| e.job == *job);
+            if idle {
+                departed.remove(job);
+            }
+            !idle
+        });
         swept
     }
 
@@ -605,7 +648,7 @@ impl Node {
 
         // A reference the sender really held is freed: the sender gave it up
         // when it sent the descriptor, and no one else can ever release it.
-        if let Some(desc) = desc {
+        if let Some(desc) = desc.or(raw) {
             if self
                 .held_ref(state, from, desc.ref_slot, desc.ref_gen)
                 .is_ok()
@@ -743,6 +786,8 @@ mod tests {
                 endpoint_credit: credit,
                 max_refs: 64,
                 hugepages: false,
+                max_endpoints: 4,
+                max_jobs: 2,
             };
             let (socket, _) = std::os::unix::net::UnixStream::pair().unwrap();
             let node = Node::new(config, Box::new(UserRoutes::default()));
@@ -755,27 +800,29 @@ mod tests {
         }
 
         fn register(&mut self, job: u32) -> (u32, u64) {
+            let registered = self.try_register(job).unwrap();
+            (registered.endpoint, registered.incarnation)
+        }
+
+        fn try_register(&mut self, job: u32) -> Result<Registered, NodeError> {
             let (descriptors, inbox) = mpsc::unbounded_channel();
             let (notices, notice_rx) = mpsc::channel(16);
-            let registered = self
-                .node
-                .register(Registration {
-                    job,
-                    role: "test".into(),
-                    endpoint: None,
-                    pid: 1,
-                    uid: 0,
-                    client_port: 1000 + self.inboxes.len() as u16,
-                    client: self.socket.as_fd(),
-                    link: EndpointLink {
-                        descriptors,
-                        notices,
-                    },
-                })
-                .unwrap();
+            let registered = self.node.register(Registration {
+                job,
+                role: "test".into(),
+                endpoint: None,
+                pid: 1,
+                uid: 0,
+                client_port: 1000 + self.inboxes.len() as u16,
+                client: self.socket.as_fd(),
+                link: EndpointLink {
+                    descriptors,
+                    notices,
+                },
+            })?;
             self.inboxes.push(inbox);
             self.notices.push(notice_rx);
-            (registered.endpoint, registered.incarnation)
+            Ok(registered)
         }
 
         fn used(&self, job: u32) -> u64 {
@@ -945,7 +992,30 @@ mod tests {
             ..h.node.routes.get_ref(grant.slot).unwrap()
         };
         h.node.routes.set_ref(grant.slot, entry).unwrap();
+        assert_eq!(
+            h.node.sweep_orphans(),
+            0,
+            "no endpoint has left: nothing to look for"
+        );
+        let (b, b_inc) = h.register(1);
+        h.node.unregister(b, b_inc);
         assert_eq!(h.node.sweep_orphans(), 1);
         assert_eq!(h.used(1), 0);
+    }
+
+    #[test]
+    fn endpoints_and_jobs_beyond_the_limits_are_refused_as_node_full() {
+        let mut h = Harness::new(8);
+        h.register(1);
+        h.register(2);
+        let err = h.try_register(3).unwrap_err();
+        assert_eq!(err.code, ErrorCode::NodeFull);
+        assert!(err.message.contains("2 jobs"), "{}", err.message);
+
+        h.register(1);
+        h.register(2);
+        let err = h.try_register(1).unwrap_err();
+        assert_eq!(err.code, ErrorCode::NodeFull);
+        assert!(err.message.contains("4 endpoints"), "{}", err.message);
     }
 }

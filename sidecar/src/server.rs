@@ -31,6 +31,10 @@ use crate::node::{EndpointLink, Node, NodeError, Registration, Verdict};
 /// rest of a real one arrives within microseconds.
 const SHORT_GRACE: Duration = Duration::from_millis(100);
 
+/// How long descriptors an endpoint wrote before its control connection
+/// closed are still read and routed.
+const DRAIN_GRACE: Duration = Duration::from_secs(1);
+
 /// Unasked notices and answers queued for one control connection.
 const REPLY_QUEUE: usize = 1024;
 
@@ -112,7 +116,7 @@ impl Connection {
                 };
                 let ep_shutdown = shutdown.child_token();
                 tokio::spawn(write_replies(write, replies_rx));
-                tokio::spawn(serve_descriptors(
+                let mut descriptors = tokio::spawn(serve_descriptors(
                     conn.node.clone(),
                     endpoint,
                     desc_socket,
@@ -120,6 +124,15 @@ impl Connection {
                     ep_shutdown.clone(),
                 ));
                 let result = conn.serve_endpoint(endpoint, &ep_shutdown).await;
+                // A process that sends and exits closes both sockets at once:
+                // judge what it wrote before forgetting it, within reason.
+                if tokio::time::timeout(DRAIN_GRACE, &mut descriptors)
+                    .await
+                    .is_err()
+                {
+                    ep_shutdown.cancel();
+                    let _ = descriptors.await;
+                }
                 ep_shutdown.cancel();
                 conn.node.unregister(endpoint, incarnation);
                 result
@@ -415,9 +428,14 @@ async fn read_descriptors(
             match tokio::time::timeout(SHORT_GRACE, read.read(&mut buf[filled..])).await {
                 Ok(n) => n?,
                 Err(_) => {
+                    // The stream is out of step: nothing after this can be
+                    // framed, so the endpoint is closed rather than misread.
                     node.refuse_short(endpoint);
-                    filled = 0;
-                    continue;
+                    tracing::warn!(
+                        endpoint,
+                        "partial descriptor; closing the endpoint's socket"
+                    );
+                    return Ok(());
                 }
             }
         };

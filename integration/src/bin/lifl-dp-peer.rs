@@ -47,6 +47,9 @@ enum Scenario {
         count: u64,
         #[arg(long, default_value_t = 64)]
         len: u64,
+        /// Exit the moment the last send returns, without waiting for stdin.
+        #[arg(long)]
+        exit_at_once: bool,
     },
     /// Hold `buffers` buffers across two endpoints, half of them received,
     /// until killed.
@@ -150,8 +153,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
             to,
             count,
             len,
+            exit_at_once,
         } => {
-            vec![send(&args, endpoint, to, count, len).await?]
+            let ep = send(&args, endpoint, to, count, len).await?;
+            if exit_at_once {
+                // Like a process that finishes its work and ends: the kernel
+                // closes both sockets, with nothing flushed or said.
+                std::process::exit(0);
+            }
+            vec![ep]
         }
         Scenario::Hold { buffers } => hold(&args, buffers).await?,
         Scenario::CrossJob { other_job } => cross_job(&args, other_job).await?,
