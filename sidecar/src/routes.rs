@@ -74,6 +74,21 @@ impl KernelRoutes {
     pub fn new(router: SkMsgRouter) -> Self {
         Self { router }
     }
+
+    fn write_endpoint(
+        &self,
+        endpoint: u32,
+        job: u32,
+        client_port: u16,
+        client: BorrowedFd<'_>,
+    ) -> Result<(), BpfError> {
+        let r = &self.router;
+        r.zero_percpu(Map::RouteStats, &endpoint)?;
+        let sender = SenderEntry { endpoint, job };
+        r.update(Map::SenderPorts, &u32::from(client_port), &sender)?;
+        r.update(Map::Endpoints, &endpoint, &EndpointEntry { job, flags: 0 })?;
+        r.insert_socket(endpoint, client)
+    }
 }
 
 impl Routes for KernelRoutes {
@@ -89,16 +104,13 @@ impl Routes for KernelRoutes {
         client: BorrowedFd<'_>,
     ) -> Result<(), BpfError> {
         // Counters and identity first, the socket last: once the socket is in
-        // the map the program runs on its sends and must find both.
-        let r = &self.router;
-        r.zero_percpu(Map::RouteStats, &endpoint)?;
-        r.update(
-            Map::SenderPorts,
-            &u32::from(client_port),
-            &SenderEntry { endpoint, job },
-        )?;
-        r.update(Map::Endpoints, &endpoint, &EndpointEntry { job, flags: 0 })?;
-        r.insert_socket(endpoint, client)
+        // the map the program runs on its sends and must find both. A partial
+        // failure (a full map) takes back what was written.
+        let added = self.write_endpoint(endpoint, job, client_port, client);
+        if added.is_err() {
+            let _ = self.remove_endpoint(endpoint, client_port);
+        }
+        added
     }
 
     fn remove_endpoint(&self, endpoint: u32, client_port: u16) -> Result<(), BpfError> {

@@ -462,6 +462,15 @@ async fn read_descriptors(
 
 /// Writes descriptors the sidecar routed to this endpoint, batching what is
 /// queued.
+///
+/// LIMITATION: on the kernel path an endpoint's socket receives both the
+/// kernel's redirects and, rarely, descriptors the sidecar forwards itself (a
+/// destination that registered between the kernel's miss and the sidecar's
+/// look). If a forwarded batch were split by TCP and a redirect landed
+/// between its halves, the receiver would read one descriptor out of step
+/// and report a protocol error. Batches are at most 4 KiB on loopback, so no
+/// split has been seen; forwarding through the kernel (re-sending on the
+/// destination's behalf) or a second socket per endpoint would rule it out.
 async fn write_descriptors(
     mut write: tokio::net::tcp::OwnedWriteHalf,
     mut outbound: mpsc::UnboundedReceiver<Descriptor>,
@@ -484,8 +493,11 @@ async fn write_descriptors(
                 Err(_) => break,
             }
         }
-        if write.write_all(&batch).await.is_err() {
-            return;
+        // An endpoint that stops reading must not hold this task past the
+        // endpoint's end.
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            written = write.write_all(&batch) => if written.is_err() { return },
         }
     }
 }
