@@ -520,7 +520,8 @@ impl Coordinator {
         state.nodes.insert(node.id.clone(), entry);
         drop(state);
 
-        info!(node = %node.id, cores = node.cores, gateway = %node.gateway_address, "node registered");
+        let (cores, gateway) = (node.cores, &node.gateway_address);
+        info!(node = %node.id, cores, %gateway, "node registered");
         Ok(status)
     }
 

@@ -563,7 +563,10 @@ pub fn job_json(job: &pb::Job) -> Value {
             "round_deadline_ms": spec.round_deadline_ms,
             "aggregation": {"rule": aggregation.rule, "mode": aggregation.mode},
             "hierarchy": {
-                "levels": if hierarchy.levels == 0 { json!("auto") } else { json!(hierarchy.levels) },
+                "levels": match hierarchy.levels {
+                    0 => json!("auto"),
+                    levels => json!(levels),
+                },
                 "max_fan_in": hierarchy.max_fan_in,
             },
         },
@@ -593,7 +596,10 @@ fn topology_json(t: &pb::Topology) -> Value {
         "aggregators": t.aggregators.iter().map(|a| json!({
             "endpoint_id": a.endpoint_id,
             "level": a.level,
-            "parent_endpoint_id": if a.parent_endpoint_id == 0 { Value::Null } else { json!(a.parent_endpoint_id) },
+            "parent_endpoint_id": match a.parent_endpoint_id {
+                0 => Value::Null,
+                parent => json!(parent),
+            },
             "node_id": a.node_id,
             "expected_inputs": a.expected_inputs,
         })).collect::<Vec<_>>(),

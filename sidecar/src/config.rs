@@ -36,7 +36,12 @@ pub struct Config {
     pub socket_group: Option<String>,
 
     /// Size of each job's shared-memory arena, e.g. `1GiB`, `512MiB`, `4096`.
-    #[arg(long, env = "LIFL_SIDECAR_ARENA_BYTES", default_value = "512MiB", value_parser = parse_bytes)]
+    #[arg(
+        long,
+        env = "LIFL_SIDECAR_ARENA_BYTES",
+        default_value = "512MiB",
+        value_parser = parse_bytes
+    )]
     pub arena_bytes: u64,
 
     /// Data path: `auto`, `sk-msg` or `userspace`.

@@ -286,7 +286,8 @@ impl Node {
                 warned: HashSet::new(),
             },
         );
-        tracing::info!(endpoint, job = reg.job, role = %reg.role, pid = reg.pid, uid = reg.uid, "endpoint registered");
+        let (job, pid, uid) = (reg.job, reg.pid, reg.uid);
+        tracing::info!(endpoint, job, role = %reg.role, pid, uid, "endpoint registered");
         Ok(Registered {
             endpoint,
             incarnation,
@@ -580,7 +581,7 @@ impl Node {
                         Verdict::Forward(desc, forward.link)
                     }
                     Err(err) => {
-                        tracing::error!(%err, "could not move a reference; refusing its descriptor");
+                        tracing::error!(%err, "could not move a reference; descriptor refused");
                         self.refuse(&mut state, from, parsed.ok(), raw, RefuseReason::NotHolder)
                     }
                 }
