@@ -88,3 +88,8 @@ bench-dataplane:
 bench-control-plane:
     cargo build --release -p lifl-control-plane --bin lifl-bench-control-plane
     ./target/release/lifl-bench-control-plane
+
+# FedAvg fold throughput (1 to 8 updates per pass) beside an in-run memcpy, as JSON.
+bench-fold:
+    cargo build --release -p lifl-integration --bin lifl-bench-fold
+    ./target/release/lifl-bench-fold
