@@ -559,15 +559,7 @@ impl Coordinator {
         job_id: u32,
         trainer_id: &str,
     ) -> Result<TrainerAssignment, CoordinatorError> {
-        if trainer_id.is_empty()
-            || trainer_id.len() > 128
-            || !trainer_id.bytes().all(|b| b.is_ascii_graphic())
-        {
-            return Err(CoordinatorError::InvalidField {
-                field: "trainer_id",
-                reason: "must be 1 to 128 printable ASCII characters".to_owned(),
-            });
-        }
+        check_printable("trainer_id", trainer_id)?;
 
         let mut state = self.state.lock().await;
         let job = live_job(&state, job_id)?;
@@ -731,15 +723,7 @@ impl Coordinator {
         updates_aggregated: u32,
         model_checksum: &str,
     ) -> Result<Job, CoordinatorError> {
-        if model_checksum.is_empty()
-            || model_checksum.len() > 128
-            || !model_checksum.bytes().all(|b| b.is_ascii_graphic())
-        {
-            return Err(CoordinatorError::InvalidField {
-                field: "model_checksum",
-                reason: "must be 1 to 128 printable ASCII characters".to_owned(),
-            });
-        }
+        check_printable("model_checksum", model_checksum)?;
 
         let mut state = self.state.lock().await;
         let entry = state
@@ -996,6 +980,19 @@ fn validate_node(node: &Node) -> Result<(), CoordinatorError> {
         return invalid("peer_address", "must be host:port");
     }
     Ok(())
+}
+
+/// Accepts 1 to 128 printable ASCII characters (ids and checksums that
+/// callers choose), or names `field` in the refusal.
+fn check_printable(field: &'static str, value: &str) -> Result<(), CoordinatorError> {
+    let printable = (1..=128).contains(&value.len()) && value.bytes().all(|b| b.is_ascii_graphic());
+    if printable {
+        return Ok(());
+    }
+    Err(CoordinatorError::InvalidField {
+        field,
+        reason: "must be 1 to 128 printable ASCII characters".to_owned(),
+    })
 }
 
 /// Whether `s` looks like `host:port` with a non-zero port.

@@ -430,13 +430,25 @@ pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
 /// The payload a sender writes for sequence number `seq`: `len` bytes that
 /// differ for every `seq`, so a receiver can check every byte.
 pub fn fill_payload(seq: u64, out: &mut [u8]) {
-    let mut x = seq.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut words = XorShift::new(seq);
     for chunk in out.chunks_mut(8) {
-        // xorshift64: cheap, and no two sequence numbers share a stream.
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+        chunk.copy_from_slice(&words.next_u64().to_le_bytes()[..chunk.len()]);
+    }
+}
+
+/// xorshift64: cheap, deterministic, and no two seeds share a stream.
+struct XorShift(u64);
+
+impl XorShift {
+    fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
     }
 }
 
@@ -473,14 +485,9 @@ impl LatencySummary {
 /// The model update trainer `k` sends in the aggregation scenarios: `params`
 /// values in [-1, 1), different for every `k`.
 pub fn update_values(k: u64, params: usize) -> Vec<f32> {
-    let mut x = k.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut words = XorShift::new(k);
     (0..params)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
+        .map(|_| (words.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0)
         .collect()
 }
 
