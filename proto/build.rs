@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "lifl/v1/jobs.proto",
         "lifl/v1/nodes.proto",
         "lifl/v1/rounds.proto",
+        "lifl/v1/gateway.proto",
     ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
