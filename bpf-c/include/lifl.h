@@ -15,7 +15,7 @@
 
 /* "LIFD" read as a little-endian u32. */
 #define LIFL_DESC_MAGIC 0x4446494cU
-#define LIFL_DESC_VERSION 1
+#define LIFL_DESC_VERSION 2
 #define LIFL_DESC_SIZE 64
 
 /* Default capacities; the sidecar may resize the maps before loading. */
@@ -45,7 +45,8 @@ struct lifl_desc {
 	__u64 offset;    /* byte offset of the buffer in the job's arena */
 	__u64 len;       /* byte length of the buffer */
 	__u64 samples;   /* training samples behind the payload (FedAvg weight) */
-	__u64 seq;       /* sender's sequence number, echoed in refusals */
+	__u32 seq;       /* sender's sequence number, echoed in refusals */
+	__u32 updates;   /* trainers' updates folded into the payload */
 };
 
 /* endpoints map value: what the sidecar registered for an endpoint id. */
@@ -83,6 +84,7 @@ _Static_assert(__builtin_offsetof(struct lifl_desc, job) == 16, "lifl_desc.job o
 _Static_assert(__builtin_offsetof(struct lifl_desc, ref) == 24, "lifl_desc.ref offset");
 _Static_assert(__builtin_offsetof(struct lifl_desc, offset) == 32, "lifl_desc.offset offset");
 _Static_assert(__builtin_offsetof(struct lifl_desc, seq) == 56, "lifl_desc.seq offset");
+_Static_assert(__builtin_offsetof(struct lifl_desc, updates) == 60, "lifl_desc.updates offset");
 _Static_assert(sizeof(struct lifl_endpoint) == 8, "lifl_endpoint size");
 _Static_assert(sizeof(struct lifl_sender) == 8, "lifl_sender size");
 _Static_assert(sizeof(struct lifl_ref) == 32, "lifl_ref size");

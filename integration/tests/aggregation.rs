@@ -50,6 +50,7 @@ fn flat_average() -> (Vec<f64>, u64) {
 struct Round {
     model: Vec<f32>,
     samples: u64,
+    updates: u64,
     top: Value,
     checkpoint_dir: tempfile::TempDir,
     kernel_routed: u64,
@@ -170,6 +171,7 @@ fn run_round(mode: Mode, levels: u32, fold: &str) -> Round {
     Round {
         model: values,
         samples: model["samples"].as_u64().unwrap(),
+        updates: model["updates"].as_u64().unwrap(),
         top: top_done,
         checkpoint_dir,
         kernel_routed,
@@ -192,6 +194,10 @@ fn tree_equals_the_flat_weighted_average(mode: Mode, levels: u32) {
     let round = run_round(mode, levels, "eager");
 
     assert_eq!(round.samples, total, "every update's samples reach the top");
+    assert_eq!(
+        round.updates, UPDATES,
+        "the model says how many trainers' updates it folds"
+    );
     assert_eq!(round.model.len(), PARAMS);
     let error = relative_error(&round.model, &flat);
     assert!(

@@ -117,7 +117,7 @@ pub enum Reply {
     /// A descriptor this endpoint sent was refused and its reference freed.
     Refused {
         /// The descriptor's sequence number.
-        seq: u64,
+        seq: u32,
         /// Where it was addressed.
         dst: u32,
         /// Why it was refused.

@@ -11,7 +11,7 @@ use bytemuck::{Pod, Zeroable};
 /// `"LIFD"` read as a little-endian `u32`.
 pub const DESC_MAGIC: u32 = 0x4446_494c;
 /// Layout version; a receiver refuses any other.
-pub const DESC_VERSION: u16 = 1;
+pub const DESC_VERSION: u16 = 2;
 /// Every descriptor is exactly this many bytes on the wire.
 pub const DESC_SIZE: usize = 64;
 
@@ -73,7 +73,11 @@ pub struct Descriptor {
     /// Training samples behind the payload: its FedAvg weight.
     pub samples: u64,
     /// The sender's sequence number, echoed back in refusals.
-    pub seq: u64,
+    pub seq: u32,
+    /// Trainers' updates folded into the payload: 1 for an update, the sum
+    /// over its children for a partial result. Lets the top of a tree count
+    /// what a round aggregated.
+    pub updates: u32,
 }
 
 const _: () = assert!(std::mem::size_of::<Descriptor>() == DESC_SIZE);
@@ -81,6 +85,7 @@ const _: () = assert!(std::mem::offset_of!(Descriptor, job) == 16);
 const _: () = assert!(std::mem::offset_of!(Descriptor, ref_slot) == 24);
 const _: () = assert!(std::mem::offset_of!(Descriptor, offset) == 32);
 const _: () = assert!(std::mem::offset_of!(Descriptor, seq) == 56);
+const _: () = assert!(std::mem::offset_of!(Descriptor, updates) == 60);
 
 /// Why a 64-byte record is not a descriptor this build understands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -223,6 +228,7 @@ mod tests {
             len: 1 << 20,
             samples: 600,
             seq: 11,
+            updates: 1,
         }
     }
 
@@ -237,7 +243,8 @@ mod tests {
         assert_eq!(&bytes[8..12], b"LIFD");
         assert_eq!(&bytes[16..20], &42u32.to_le_bytes());
         assert_eq!(&bytes[32..40], &4096u64.to_le_bytes());
-        assert_eq!(&bytes[56..64], &11u64.to_le_bytes());
+        assert_eq!(&bytes[56..60], &11u32.to_le_bytes());
+        assert_eq!(&bytes[60..64], &1u32.to_le_bytes());
     }
 
     #[test]

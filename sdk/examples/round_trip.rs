@@ -8,7 +8,7 @@
 //! It prints the data path the node uses and the update as it was read in
 //! place on the receiving side.
 
-use lifl_sdk::{DescKind, Endpoint, Registration, SdkError, UpdateMeta};
+use lifl_sdk::{Endpoint, Registration, SdkError, UpdateMeta};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), SdkError> {
@@ -25,11 +25,7 @@ async fn main() -> Result<(), SdkError> {
     update.as_mut_f32()?.copy_from_slice(&weights);
 
     // Move it by reference: only a 64-byte descriptor travels.
-    let meta = UpdateMeta {
-        round: 1,
-        kind: DescKind::Update,
-        samples: 600,
-    };
+    let meta = UpdateMeta::update(1, 600);
     leaf.send(top.id(), update, meta).await?;
 
     // Read it in place; dropping it gives the buffer back.

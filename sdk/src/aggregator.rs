@@ -76,6 +76,8 @@ pub struct RoundOutcome {
     pub refused: u32,
     /// Samples behind the result.
     pub samples: u64,
+    /// Trainers' updates behind the result, summed over the children.
+    pub updates: u32,
     /// SHA-256 of the result's bytes, hex.
     pub sha256: String,
     /// The checkpoint written, at the top.
@@ -116,7 +118,7 @@ pub async fn run_round(
 ) -> Result<RoundOutcome, AggregatorError> {
     let mut acc = Accumulator::new(plan.params);
     let mut held: Vec<Update> = Vec::new();
-    let (mut children, mut refused) = (0u32, 0u32);
+    let (mut children, mut refused, mut updates) = (0u32, 0u32, 0u32);
 
     while children < plan.expected {
         let first = tokio::select! {
@@ -137,6 +139,9 @@ pub async fn run_round(
             ok
         });
         children += batch.len() as u32;
+        updates = batch
+            .iter()
+            .fold(updates, |sum, u| sum.saturating_add(u.meta().updates));
         match plan.mode {
             Mode::Eager => fold_all(&mut acc, &batch)?,
             Mode::Lazy => held.extend(batch),
@@ -153,7 +158,20 @@ pub async fn run_round(
     }
     drop(held);
 
-    publish(endpoint, plan, &acc, children, refused).await
+    let counts = Counts {
+        children,
+        refused,
+        updates,
+    };
+    publish(endpoint, plan, &acc, counts).await
+}
+
+/// What a round took in.
+#[derive(Debug, Clone, Copy)]
+struct Counts {
+    children: u32,
+    refused: u32,
+    updates: u32,
 }
 
 /// Whether a child's result belongs in this round's fold.
@@ -167,6 +185,8 @@ fn accepts(plan: &RoundPlan, update: &Update) -> bool {
     kind_ok
         && meta.round == plan.round
         && meta.samples > 0
+        && meta.updates > 0
+        && (meta.kind != DescKind::Update || meta.updates == 1)
         && update.len() == (plan.params * 4) as u64
 }
 
@@ -185,8 +205,7 @@ async fn publish(
     endpoint: &Endpoint,
     plan: &RoundPlan,
     acc: &Accumulator,
-    children: u32,
-    refused: u32,
+    counts: Counts,
 ) -> Result<RoundOutcome, AggregatorError> {
     let mut result = endpoint.alloc((plan.params * 4) as u64).await?;
     let samples = acc.write_mean(result.as_mut_f32()?)?;
@@ -212,13 +231,15 @@ async fn publish(
             round: plan.round,
             kind,
             samples,
+            updates: counts.updates,
         };
         endpoint.send(to, result, meta).await?;
     }
     Ok(RoundOutcome {
-        children,
-        refused,
+        children: counts.children,
+        refused: counts.refused,
         samples,
+        updates: counts.updates,
         sha256,
         checkpoint,
     })

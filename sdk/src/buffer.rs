@@ -105,6 +105,21 @@ pub struct UpdateMeta {
     pub kind: DescKind,
     /// Training samples behind it: its weight in FedAvg.
     pub samples: u64,
+    /// Trainers' updates folded into it: 1 for an update, the sum over the
+    /// children for a partial result or a model.
+    pub updates: u32,
+}
+
+impl UpdateMeta {
+    /// One trainer's update for `round`, trained on `samples` samples.
+    pub fn update(round: u32, samples: u64) -> Self {
+        Self {
+            round,
+            kind: DescKind::Update,
+            samples,
+            updates: 1,
+        }
+    }
 }
 
 /// A buffer reference this endpoint received, read in place.
@@ -141,7 +156,7 @@ impl Update {
     }
 
     /// The sender's sequence number.
-    pub fn seq(&self) -> u64 {
+    pub fn seq(&self) -> u32 {
         self.desc.seq
     }
 
@@ -152,6 +167,7 @@ impl Update {
             // The receive path only admits descriptors with a known kind.
             kind: self.desc.kind().unwrap_or(DescKind::Control),
             samples: self.desc.samples,
+            updates: self.desc.updates,
         }
     }
 }

@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures_util::StreamExt;
@@ -101,7 +101,7 @@ pub struct Endpoint {
     dataplane: String,
     shared: Arc<Shared>,
     next_request: AtomicU64,
-    next_seq: AtomicU64,
+    next_seq: AtomicU32,
     writer: tokio::sync::Mutex<Outbox>,
     inbox: tokio::sync::Mutex<Inbox>,
 }
@@ -209,7 +209,7 @@ impl Endpoint {
             dataplane,
             shared,
             next_request: AtomicU64::new(2),
-            next_seq: AtomicU64::new(1),
+            next_seq: AtomicU32::new(1),
             writer: tokio::sync::Mutex::new(Outbox {
                 socket: write,
                 unwritten: Vec::new(),
@@ -305,7 +305,7 @@ impl Endpoint {
         dst: u32,
         buffer: impl Sendable,
         meta: UpdateMeta,
-    ) -> Result<u64, SdkError> {
+    ) -> Result<u32, SdkError> {
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         let held = buffer.into_held().0;
         let grant = held.grant;
@@ -323,6 +323,7 @@ impl Endpoint {
             len: grant.len,
             samples: meta.samples,
             seq,
+            updates: meta.updates,
         };
         let mut outbox = self.writer.lock().await;
         // Committed: the descriptor will be written whole, even if this

@@ -42,7 +42,7 @@ pub enum SdkError {
     #[error("descriptor {seq} to endpoint {dst} was refused: {}", reason.as_str())]
     Refused {
         /// The descriptor's sequence number, as `send` returned it.
-        seq: u64,
+        seq: u32,
         /// Where it was addressed.
         dst: u32,
         /// Why.

@@ -851,6 +851,7 @@ mod tests {
             len: grant.len,
             samples: 10,
             seq: 5,
+            updates: 1,
         }
     }
 

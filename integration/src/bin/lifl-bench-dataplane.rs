@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use lifl_integration::{block_on, is_root, Mode, Peer, SidecarProcess};
-use lifl_sdk::{DescKind, Endpoint, Registration, UpdateMeta};
+use lifl_sdk::{Endpoint, Registration, UpdateMeta};
 use serde_json::{json, Value};
 
 #[derive(Debug, Parser)]
@@ -182,11 +182,7 @@ fn arena_bandwidth(mode: Mode, args: &Args) -> anyhow::Result<Value> {
         let write = median_secs(args.reps, || {
             buffer.as_mut_bytes().copy_from_slice(black_box(&source));
         });
-        let meta = UpdateMeta {
-            round: 1,
-            kind: DescKind::Update,
-            samples: 1,
-        };
+        let meta = UpdateMeta::update(1, 1);
         writer.send(reader.id(), buffer, meta).await?;
         let update = reader.recv().await?;
         anyhow::ensure!(update.as_bytes() == source, "the update arrived intact");

@@ -199,11 +199,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn update_meta(samples: u64) -> UpdateMeta {
-    UpdateMeta {
-        round: 1,
-        kind: DescKind::Update,
-        samples,
-    }
+    UpdateMeta::update(1, samples)
 }
 
 async fn recv(args: &Args, id: u32, count: u64) -> anyhow::Result<Endpoint> {
@@ -349,6 +345,7 @@ async fn malformed(args: &Args) -> anyhow::Result<Vec<Endpoint>> {
             len,
             samples: 1,
             seq: 0,
+            updates: 1,
         };
         forge(&mut desc, b.id(), arena);
         a.write_raw_descriptor_bytes(desc.as_bytes()).await?;
@@ -520,11 +517,7 @@ async fn push(
         buffer
             .as_mut_f32()?
             .copy_from_slice(&update_values(k, params));
-        let meta = UpdateMeta {
-            round,
-            kind: DescKind::Update,
-            samples: update_samples(k),
-        };
+        let meta = UpdateMeta::update(round, update_samples(k));
         ep.send(leaves[(k % leaves.len() as u64) as usize], buffer, meta)
             .await?;
     }
@@ -539,7 +532,7 @@ async fn collect(args: &Args, id: u32) -> anyhow::Result<Endpoint> {
     let meta = model.meta();
     emit(
         json!({"event": "model", "src": model.src(), "round": meta.round,
-                "kind": format!("{:?}", meta.kind), "samples": meta.samples,
+                "kind": format!("{:?}", meta.kind), "samples": meta.samples, "updates": meta.updates,
                 "values": model.as_f32()?}),
     );
     Ok(ep)

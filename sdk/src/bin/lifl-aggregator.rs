@@ -114,6 +114,7 @@ async fn main() -> anyhow::Result<()> {
             "children": outcome.children,
             "refused": outcome.refused,
             "samples": outcome.samples,
+            "updates": outcome.updates,
             "sha256": outcome.sha256,
             "checkpoint": outcome.checkpoint,
         })
