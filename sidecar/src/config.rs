@@ -1,5 +1,6 @@
 //! The sidecar's settings: flags, each with an environment variable.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 /// Default path of the registration socket.
@@ -73,6 +74,54 @@ pub struct Config {
     /// Never back arenas with hugepages, even when some are free.
     #[arg(long, env = "LIFL_SIDECAR_NO_HUGEPAGES")]
     pub no_hugepages: bool,
+
+    /// The control plane to serve as a node of, e.g. `http://10.0.0.2:7400`.
+    /// Without it the sidecar only moves descriptors between endpoints that
+    /// register themselves: no gateway, no aggregators of its own.
+    #[arg(long, env = "LIFL_SIDECAR_CONTROL_PLANE")]
+    pub control_plane: Option<String>,
+
+    /// The control plane's admin token, if it has one; also handed to top
+    /// aggregators to report their rounds.
+    #[arg(long, env = "LIFL_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
+    /// This node's id in the control plane (default: the host name).
+    #[arg(long, env = "LIFL_SIDECAR_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// Where the trainer-facing gateway listens.
+    #[arg(
+        long,
+        env = "LIFL_SIDECAR_GATEWAY_LISTEN",
+        default_value = "127.0.0.1:7401"
+    )]
+    pub gateway_listen: SocketAddr,
+
+    /// `host:port` trainers are told to reach the gateway at (default: the
+    /// listen address, which must then not be a wildcard).
+    #[arg(long, env = "LIFL_SIDECAR_GATEWAY_ADDRESS")]
+    pub gateway_address: Option<String>,
+
+    /// `host:port` announced for forwarding between nodes.
+    #[arg(
+        long,
+        env = "LIFL_SIDECAR_PEER_ADDRESS",
+        default_value = "127.0.0.1:7402"
+    )]
+    pub peer_address: String,
+
+    /// The `lifl-aggregator` executable (default: beside this one).
+    #[arg(long, env = "LIFL_SIDECAR_AGGREGATOR")]
+    pub aggregator: Option<PathBuf>,
+
+    /// Where top aggregators write each round's model checkpoint.
+    #[arg(
+        long,
+        env = "LIFL_SIDECAR_CHECKPOINT_DIR",
+        default_value = "/var/lib/lifl/checkpoints"
+    )]
+    pub checkpoint_dir: PathBuf,
 }
 
 /// Parses a byte count with an optional binary suffix (`KiB`, `MiB`, `GiB`).

@@ -3,11 +3,20 @@
 //!
 //! Start-up is four named steps, each in [`run`]: pick the data path (load
 //! and attach the SK_MSG router, or fall back to user space), bind the
-//! registration socket, announce readiness, serve until SIGTERM or SIGINT.
+//! registration socket (and, as a node of a control plane, the trainers'
+//! gateway), announce readiness, serve until SIGTERM or SIGINT.
+//!
+//! Given a control plane, the sidecar is a node of it: the [`agent`]
+//! registers, follows the node's round assignments and starts aggregators
+//! through a [`launcher`], and the [`gateway`] takes trainers' updates into
+//! the arena and serves the global model.
 
+pub mod agent;
 pub mod arena;
 pub mod bpf;
 pub mod config;
+pub mod gateway;
+pub mod launcher;
 pub mod node;
 pub mod routes;
 pub mod server;
@@ -23,13 +32,24 @@ use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
+use lifl_proto::v1::gateway_service_server::GatewayServiceServer;
+use lifl_proto::v1::NodeCapacity;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::agent::AgentConfig;
 use crate::bpf::SkMsgRouter;
 use crate::config::{Config, DataplaneChoice};
+use crate::gateway::{Gateway, GatewayConfig, GatewayServer};
+use crate::launcher::{Launcher, ProcessLauncher};
 use crate::node::{Node, NodeConfig};
 use crate::routes::{Dataplane, KernelRoutes, Routes, UserRoutes};
 
 /// Sockets the kernel's maps hold (`LIFL_MAX_ENDPOINTS` in `lifl.h`).
 const KERNEL_MAX_ENDPOINTS: usize = 4096;
+
+/// Largest gateway message: a chunk of an update, with room to spare.
+const GATEWAY_MAX_MESSAGE_BYTES: usize = 16 << 20;
 
 /// How often references stranded by a departed endpoint are looked for.
 const ORPHAN_SWEEP_EVERY: Duration = Duration::from_secs(1);
@@ -42,20 +62,133 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let listener = bind(&config.socket, config.socket_group.as_deref())?;
     tracing::info!(socket = %config.socket.display(), "serving registrations");
+    let as_node = match &config.control_plane {
+        Some(url) => Some(node_setup(&config, url).await?),
+        None => None,
+    };
     // Handlers first: whoever is told "ready" may send SIGTERM at once.
     let stop = stop_signal()?;
     notify_ready();
 
     let shutdown = CancellationToken::new();
     tokio::spawn(sweep_orphans(node.clone(), shutdown.clone()));
-    let server = tokio::spawn(server::serve(node, listener, shutdown.clone()));
+    let server = tokio::spawn(server::serve(node.clone(), listener, shutdown.clone()));
+    let mut node_tasks = Vec::new();
+    if let Some(setup) = as_node {
+        node_tasks = setup.start(&config, node, shutdown.clone());
+    }
 
     stop.await;
     tracing::info!("shutting down");
     shutdown.cancel();
+    for task in node_tasks {
+        let _ = task.await;
+    }
     let _ = server.await;
     let _ = std::fs::remove_file(&config.socket);
     Ok(())
+}
+
+/// What serving as a node needs bound before readiness.
+struct NodeSetup {
+    agent: AgentConfig,
+    gateway_listener: TcpListener,
+    launcher: Arc<dyn Launcher>,
+}
+
+/// Binds the gateway and settles who the node is.
+async fn node_setup(config: &Config, control_plane: &str) -> anyhow::Result<NodeSetup> {
+    let gateway_listener = TcpListener::bind(config.gateway_listen)
+        .await
+        .with_context(|| format!("bind the gateway on {}", config.gateway_listen))?;
+    let gateway_address = match &config.gateway_address {
+        Some(address) => address.clone(),
+        None if config.gateway_listen.ip().is_unspecified() => bail!(
+            "the gateway listens on {}: say with --gateway-address where trainers reach it",
+            config.gateway_listen
+        ),
+        None => gateway_listener.local_addr()?.to_string(),
+    };
+    let node_id = match &config.node_id {
+        Some(id) => id.clone(),
+        None => nix::unistd::gethostname()
+            .context("read the host name for the node id")?
+            .to_string_lossy()
+            .into_owned(),
+    };
+    let program = match &config.aggregator {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()
+            .context("find this executable")?
+            .with_file_name("lifl-aggregator"),
+    };
+    if !program.exists() {
+        bail!(
+            "no aggregator executable at {}; set --aggregator",
+            program.display()
+        );
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    tracing::info!(
+        node = %node_id,
+        control_plane,
+        gateway = %gateway_address,
+        aggregator = %program.display(),
+        "serving as a node"
+    );
+    Ok(NodeSetup {
+        agent: AgentConfig {
+            control_plane: control_plane.to_owned(),
+            token: config.admin_token.clone().filter(|t| !t.is_empty()),
+            node_id,
+            capacity: NodeCapacity {
+                cores,
+                arena_bytes: config.arena_bytes,
+            },
+            gateway_address,
+            peer_address: config.peer_address.clone(),
+            checkpoint_dir: config.checkpoint_dir.clone(),
+        },
+        gateway_listener,
+        launcher: Arc::new(ProcessLauncher {
+            program,
+            socket: config.socket.clone(),
+            admin_token: config.admin_token.clone().filter(|t| !t.is_empty()),
+        }),
+    })
+}
+
+impl NodeSetup {
+    /// Serves the gateway and follows the control plane until `shutdown`.
+    fn start(
+        self,
+        config: &Config,
+        node: Arc<Node>,
+        shutdown: CancellationToken,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let gateway = Gateway::new(config.socket.clone(), node, GatewayConfig::default());
+        let service = GatewayServiceServer::new(GatewayServer::new(gateway.clone()))
+            .max_decoding_message_size(GATEWAY_MAX_MESSAGE_BYTES);
+        let incoming = TcpListenerStream::new(self.gateway_listener);
+        let stopped = shutdown.clone();
+        let serve = tokio::spawn(async move {
+            let served = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(incoming, stopped.cancelled_owned())
+                .await;
+            if let Err(err) = served {
+                tracing::error!(%err, "gateway stopped");
+            }
+        });
+        let follow = tokio::spawn({
+            let gateway = gateway.clone();
+            async move {
+                agent::run(self.agent, gateway.clone(), self.launcher, shutdown).await;
+                gateway.close();
+            }
+        });
+        vec![serve, follow]
+    }
 }
 
 fn node_config(config: &Config, dataplane: Dataplane) -> NodeConfig {

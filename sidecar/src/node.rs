@@ -207,6 +207,11 @@ impl Node {
         self.routes.as_ref()
     }
 
+    /// Whether endpoint `id` is registered now.
+    pub fn has_endpoint(&self, id: u32) -> bool {
+        self.lock().endpoints.contains_key(&id)
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock is a bug elsewhere; the state is
         // still the best record of what processes hold.
@@ -254,7 +259,10 @@ impl Node {
                 ))
             }
             Some(id) => id,
+            // The control plane hands out ids counting up from 1; ids the
+            // node picks count down from the top, so the two never meet.
             None => (1..=u32::MAX)
+                .rev()
                 .find(|id| !state.endpoints.contains_key(id))
                 .ok_or_else(|| {
                     NodeError::new(ErrorCode::EndpointTaken, "no endpoint id is free")
