@@ -1,12 +1,15 @@
 //! `lifl-aggregator`: one aggregator function for one round. It registers
 //! its endpoint with the node's sidecar, folds what its children send, passes
-//! the result on, prints what it did as one JSON line, and exits.
+//! the result on, prints what it did as one JSON line, and exits. The top of
+//! a tree also reports the round to the control plane (`--report-to`).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::{Parser, ValueEnum};
+use lifl_proto::v1::node_service_client::NodeServiceClient;
+use lifl_proto::v1::CompleteRoundRequest;
 use lifl_sdk::aggregator::{run_round, Mode, Role, RoundPlan};
 use lifl_sdk::{Endpoint, Registration};
 
@@ -67,6 +70,60 @@ struct Args {
     /// Directory for the top's checkpoints.
     #[arg(long)]
     checkpoint_dir: Option<PathBuf>,
+    /// The control plane the top reports the finished round to, e.g.
+    /// `http://127.0.0.1:7400`.
+    #[arg(long)]
+    report_to: Option<String>,
+    /// The control plane's admin token, if it has one.
+    #[arg(long, env = "LIFL_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+}
+
+/// Attempts at reporting a round while the control plane is unreachable.
+const REPORT_ATTEMPTS: u32 = 10;
+
+/// Tells the control plane the round produced its model; retried while the
+/// control plane is unreachable.
+async fn report_round(
+    url: &str,
+    token: Option<&str>,
+    request: CompleteRoundRequest,
+) -> anyhow::Result<()> {
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())
+        .with_context(|| format!("control plane address {url}"))?;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let outcome = async {
+            let mut client = NodeServiceClient::new(
+                endpoint
+                    .connect()
+                    .await
+                    .map_err(|e| tonic::Status::unavailable(format!("connect: {e}")))?,
+            );
+            let mut call = tonic::Request::new(request.clone());
+            if let Some(value) = token.and_then(|t| format!("Bearer {t}").parse().ok()) {
+                call.metadata_mut().insert("authorization", value);
+            }
+            client.complete_round(call).await
+        }
+        .await;
+        match outcome {
+            Ok(_) => return Ok(()),
+            Err(status)
+                if status.code() == tonic::Code::Unavailable && attempt < REPORT_ATTEMPTS =>
+            {
+                tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+            }
+            Err(status) => bail!(
+                "the control plane refused round {} of job {}: {:?}: {}",
+                request.round,
+                request.job_id,
+                status.code(),
+                status.message()
+            ),
+        }
+    }
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -119,5 +176,15 @@ async fn main() -> anyhow::Result<()> {
             "checkpoint": outcome.checkpoint,
         })
     );
+    if let (Role::Top, Some(url)) = (role, &args.report_to) {
+        let request = CompleteRoundRequest {
+            job_id: args.job,
+            round: args.round,
+            updates_aggregated: outcome.updates,
+            model_checksum: outcome.sha256.clone(),
+        };
+        let token = args.admin_token.as_deref().filter(|t| !t.is_empty());
+        report_round(url, token, request).await?;
+    }
     Ok(())
 }
