@@ -13,12 +13,19 @@
 //! deadline plus a grace period fails the whole job: the data plane is the one
 //! that aggregates k of n at the deadline, so silence means it could not.
 //!
+//! Every new admission is also published with the trainer's leaf and its node
+//! ([`Event::TrainerAdmitted`]), so that the node's gateway learns whom to
+//! accept updates from; [`Coordinator::current_work`] lists the admissions so
+//! far for a node that connects, or falls behind, mid-round.
+//!
 //! LIMITATION: which trainers joined the open round lives only in memory. After
 //! a restart the round stays open with its tree, but trainers that joined
 //! before are unknown: a trainer that joins again gets a fresh assignment
-//! (possibly another leaf) and counts again towards `trainers_per_round`.
-//! Sidecars notice nothing; a leaf may wait for an update that goes
-//! elsewhere until the round's deadline. Writing joins in batches (one
+//! (possibly another leaf) and counts again towards `trainers_per_round`, and
+//! a node's catch-up lists only the trainers admitted since the restart. A
+//! leaf may wait for an update that goes elsewhere until the round's deadline,
+//! and a gateway that rebuilds its admitted set from the new stream refuses a
+//! trainer that uploads without joining again. Writing joins in batches (one
 //! commit per few milliseconds of joins) would close the gap.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -44,8 +51,10 @@ pub const DEFAULT_MISSED_HEARTBEATS: u32 = 3;
 /// Default time past a round's deadline before the job fails for lack of a
 /// result.
 pub const DEFAULT_ROUND_GRACE: Duration = Duration::from_secs(30);
-/// Events a watcher may fall behind by before it is sent a fresh snapshot.
-const EVENT_BACKLOG: usize = 4096;
+/// Events a watcher may fall behind by before it is sent a fresh snapshot. A
+/// join publishes two (its progress and its admission), so this is about 4096
+/// joins.
+const EVENT_BACKLOG: usize = 8192;
 
 /// How the coordinator judges liveness and deadlines, and who may call it.
 #[derive(Debug, Clone)]
@@ -106,6 +115,19 @@ pub enum Event {
         /// The round's record.
         record: RoundRecord,
     },
+    /// A trainer joined the open round for the first time (a repeat join
+    /// publishes nothing). Published after the round's `RoundStarted` and
+    /// its own `RoundProgress`.
+    TrainerAdmitted {
+        /// Job id.
+        job_id: u32,
+        /// Round number.
+        round: u32,
+        /// The node its leaf runs on.
+        node_id: String,
+        /// The trainer and its leaf.
+        seat: TrainerSeat,
+    },
 }
 
 impl Event {
@@ -115,7 +137,7 @@ impl Event {
             Self::StateChanged { job, .. }
             | Self::RoundStarted { job, .. }
             | Self::RoundFinished { job, .. } => job.id,
-            Self::RoundProgress { job_id, .. } => *job_id,
+            Self::RoundProgress { job_id, .. } | Self::TrainerAdmitted { job_id, .. } => *job_id,
         }
     }
 }
@@ -137,6 +159,15 @@ pub struct TrainerAssignment {
     pub node_id: String,
     /// Upload deadline, in milliseconds since the Unix epoch.
     pub deadline_unix_ms: u64,
+}
+
+/// A trainer admitted to a round, and the leaf it sends its update to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrainerSeat {
+    /// The trainer's id, as it joined.
+    pub trainer_id: String,
+    /// Endpoint id of its leaf aggregator.
+    pub leaf_endpoint_id: u32,
 }
 
 /// Where a parent aggregator on another node lives.
@@ -167,6 +198,17 @@ pub struct NodeWork {
     pub aggregators: Vec<Aggregator>,
     /// Parents of those aggregators that live on other nodes.
     pub remote_parents: Vec<ParentLocation>,
+}
+
+/// A node's part in an open round, as of one moment: what a node that
+/// connects, or fell behind, needs to catch up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenWork {
+    /// The aggregators it runs.
+    pub work: NodeWork,
+    /// Trainers admitted so far whose leaf is on the node, by leaf and then
+    /// trainer id.
+    pub seats: Vec<TrainerSeat>,
 }
 
 /// Why a coordinator operation was refused or failed.
@@ -711,6 +753,15 @@ impl Coordinator {
             trainers_joined: joined + 1,
             trainers_per_round: per_round,
         });
+        self.publish(Event::TrainerAdmitted {
+            job_id,
+            round: assignment.round,
+            node_id: assignment.node_id.clone(),
+            seat: TrainerSeat {
+                trainer_id: trainer_id.to_owned(),
+                leaf_endpoint_id: assignment.leaf_endpoint_id,
+            },
+        });
         Ok(assignment)
     }
 
@@ -796,16 +847,30 @@ impl Coordinator {
         Ok(job)
     }
 
-    /// The aggregators `node_id` runs in every open round.
-    pub async fn current_work(&self, node_id: &str) -> Vec<NodeWork> {
+    /// The aggregators `node_id` runs in every open round, each with the
+    /// trainers admitted so far to its leaves there.
+    pub async fn current_work(&self, node_id: &str) -> Vec<OpenWork> {
         let state = self.state.lock().await;
-        state
+        let mut open: Vec<OpenWork> = state
             .jobs
             .values()
             .filter(|e| !e.job.state.is_terminal() && e.job.open_round().is_some())
-            .filter_map(|e| e.job.topology.as_ref().map(|t| (&e.job, t)))
-            .filter_map(|(job, topology)| node_work(&state, node_id, job, topology))
-            .collect()
+            .filter_map(|e| {
+                let topology = e.job.topology.as_ref()?;
+                let work = node_work(&state, node_id, &e.job, topology)?;
+                let seats = seats_on(node_id, topology.round, &e.joined);
+                Some(OpenWork { work, seats })
+            })
+            .collect();
+        drop(state);
+
+        // Sorted outside the lock: a round may hold a million trainers.
+        for o in &mut open {
+            o.seats.sort_unstable_by(|a, b| {
+                (a.leaf_endpoint_id, &a.trainer_id).cmp(&(b.leaf_endpoint_id, &b.trainer_id))
+            });
+        }
+        open
     }
 
     /// The aggregators `node_id` runs in the round `topology` describes, if
@@ -952,6 +1017,23 @@ fn node_work(state: &State, node_id: &str, job: &Job, topology: &Topology) -> Op
         aggregators,
         remote_parents,
     })
+}
+
+/// The trainers in `joined` admitted to `round` with a leaf on `node_id`,
+/// in no particular order.
+fn seats_on(
+    node_id: &str,
+    round: u32,
+    joined: &HashMap<String, TrainerAssignment>,
+) -> Vec<TrainerSeat> {
+    joined
+        .iter()
+        .filter(|(_, a)| a.round == round && a.node_id == node_id)
+        .map(|(trainer_id, a)| TrainerSeat {
+            trainer_id: trainer_id.clone(),
+            leaf_endpoint_id: a.leaf_endpoint_id,
+        })
+        .collect()
 }
 
 fn validate_node(node: &Node) -> Result<(), CoordinatorError> {
@@ -1139,6 +1221,39 @@ mod tests {
         );
         // A trainer that already joined keeps its assignment.
         assert_eq!(coordinator.join_round(job.id, "t0").await.unwrap(), first);
+    }
+
+    #[tokio::test]
+    async fn a_new_trainer_is_published_with_its_leaf_and_a_repeat_join_is_not() {
+        let (coordinator, _) = coordinator(CoordinatorConfig::default()).await;
+        coordinator.register_node(node("n1")).await.unwrap();
+        let (job, _) = coordinator.create_job(&good_draft()).await.unwrap();
+        let mut events = coordinator.subscribe();
+
+        let mut expected = Vec::new();
+        for trainer in ["t0", "t1", "t0", "t2"] {
+            let joined = coordinator.join_round(job.id, trainer).await.unwrap();
+            let seat = (trainer.to_owned(), joined.leaf_endpoint_id);
+            if !expected.contains(&seat) {
+                expected.push(seat);
+            }
+        }
+        let mut admitted = Vec::new();
+        while let Ok(event) = events.try_recv() {
+            if let Event::TrainerAdmitted {
+                job_id,
+                round,
+                node_id,
+                seat,
+            } = event
+            {
+                assert_eq!((job_id, round, node_id.as_str()), (job.id, 1, "n1"));
+                admitted.push((seat.trainer_id, seat.leaf_endpoint_id));
+            }
+        }
+        assert_eq!(admitted, expected);
+        // t0 and t1 were dealt different leaves, so the seats say which.
+        assert_ne!(expected[0].1, expected[1].1);
     }
 
     #[tokio::test]

@@ -12,7 +12,7 @@ use lifl_proto::v1::job_service_client::JobServiceClient;
 use lifl_proto::v1::node_service_client::NodeServiceClient;
 use lifl_proto::v1::round_service_client::RoundServiceClient;
 use tonic::transport::Channel;
-use tonic::{Code, Request};
+use tonic::{Code, Request, Streaming};
 
 /// How long any single wait in these tests may take before it fails.
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -72,12 +72,16 @@ async fn create(jobs: &mut JobServiceClient<Channel>, name: &str) -> pb::CreateJ
 }
 
 async fn register_node(channel: &Channel, id: &str) {
+    register_node_with_cores(channel, id, 4).await;
+}
+
+async fn register_node_with_cores(channel: &Channel, id: &str, cores: u32) {
     let mut nodes = NodeServiceClient::new(channel.clone());
     nodes
         .register_node(pb::RegisterNodeRequest {
             node_id: id.to_owned(),
             capacity: Some(pb::NodeCapacity {
-                cores: 4,
+                cores,
                 arena_bytes: 1 << 30,
             }),
             gateway_address: format!("{id}.example:7500"),
@@ -85,6 +89,85 @@ async fn register_node(channel: &Channel, id: &str) {
         })
         .await
         .unwrap();
+}
+
+async fn watch_assignments(channel: &Channel, node_id: &str) -> Streaming<pb::NodeAssignment> {
+    let mut nodes = NodeServiceClient::new(channel.clone());
+    let request = pb::WatchAssignmentsRequest {
+        node_id: node_id.to_owned(),
+    };
+    nodes.watch_assignments(request).await.unwrap().into_inner()
+}
+
+async fn join(
+    rounds: &mut RoundServiceClient<Channel>,
+    job_id: u32,
+    trainer_id: &str,
+) -> pb::TrainerAssignment {
+    let request = pb::JoinRoundRequest {
+        job_id,
+        trainer_id: trainer_id.to_owned(),
+    };
+    rounds.join_round(request).await.unwrap().into_inner()
+}
+
+/// What a node's stream says about one job's round: its assignment, the
+/// seats of each `TrainersAdmitted` in order, and whether `JobEnded` closed it.
+#[derive(Debug, Default)]
+struct NodeView {
+    rounds: Vec<pb::RoundAssignment>,
+    admitted: Vec<Vec<(String, u32)>>,
+    ended: bool,
+}
+
+impl NodeView {
+    /// Reads `stream` up to and including the first `JobEnded`, checking
+    /// that each admission comes after a round assignment of its round.
+    async fn read_until_job_ended(stream: &mut Streaming<pb::NodeAssignment>) -> Self {
+        use pb::node_assignment::Kind;
+        let mut view = Self::default();
+        while !view.ended {
+            let message = tokio::time::timeout(DEADLINE, stream.message())
+                .await
+                .expect("a message within the deadline")
+                .unwrap()
+                .expect("the stream is still open");
+            match message.kind.unwrap() {
+                Kind::Round(round) => view.rounds.push(round),
+                Kind::TrainersAdmitted(admitted) => {
+                    let sent_first = view
+                        .rounds
+                        .iter()
+                        .any(|r| (r.job_id, r.round) == (admitted.job_id, admitted.round));
+                    assert!(sent_first, "{admitted:?} came before its round");
+                    view.admitted.push(seats(&admitted.trainers));
+                }
+                Kind::JobEnded(_) => view.ended = true,
+            }
+        }
+        view
+    }
+
+    /// Every seat, in the order sent.
+    fn all_seats(&self) -> Vec<(String, u32)> {
+        self.admitted.concat()
+    }
+
+    /// Endpoint ids of the leaves the node was told to run.
+    fn leaves(&self) -> Vec<u32> {
+        let aggregators = self.rounds.iter().flat_map(|r| &r.aggregators);
+        aggregators
+            .filter(|a| a.level == 1)
+            .map(|a| a.endpoint_id)
+            .collect()
+    }
+}
+
+fn seats(trainers: &[pb::TrainerSeat]) -> Vec<(String, u32)> {
+    trainers
+        .iter()
+        .map(|s| (s.trainer_id.clone(), s.leaf_endpoint_id))
+        .collect()
 }
 
 async fn next_event(stream: &mut tonic::Streaming<pb::JobEvent>) -> pb::JobEvent {
@@ -558,6 +641,116 @@ async fn rounds_run_from_join_to_completion_with_nodes_told_their_work() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_watching_node_gets_its_round_then_one_seat_per_new_trainer() {
+    let server = start(StoreLocation::Memory, None).await;
+    let channel = channel(&server).await;
+    let mut jobs = JobServiceClient::new(channel.clone());
+    let mut rounds = RoundServiceClient::new(channel.clone());
+    register_node(&channel, "n1").await;
+    let mut work = watch_assignments(&channel, "n1").await;
+
+    let job_id = create(&mut jobs, "admitted").await.job.unwrap().id;
+    let mut joins = Vec::new();
+    for t in 0..5 {
+        let trainer = format!("t{t}");
+        let assignment = join(&mut rounds, job_id, &trainer).await;
+        joins.push((trainer, assignment.leaf_endpoint_id));
+    }
+    // A repeat join is no new admission. The job's end closes the view, so
+    // anything the repeat sent would be read before it.
+    let again = join(&mut rounds, job_id, "t2").await;
+    assert_eq!(again.leaf_endpoint_id, joins[2].1);
+    jobs.cancel_job(pb::CancelJobRequest { job_id })
+        .await
+        .unwrap();
+
+    let view = NodeView::read_until_job_ended(&mut work).await;
+    assert_eq!(view.rounds.len(), 1);
+    assert_eq!((view.rounds[0].job_id, view.rounds[0].round), (job_id, 1));
+    let one_seat_each: Vec<Vec<(String, u32)>> = joins.iter().map(|j| vec![j.clone()]).collect();
+    assert_eq!(view.admitted, one_seat_each);
+    let leaves = view.leaves();
+    assert_eq!(leaves.len(), 3, "8 trainers at fan-in 3 need 3 leaves");
+    assert!(joins.iter().all(|(_, leaf)| leaves.contains(leaf)));
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_node_that_watches_after_trainers_joined_gets_its_round_then_their_seats() {
+    let server = start(StoreLocation::Memory, None).await;
+    let channel = channel(&server).await;
+    let mut jobs = JobServiceClient::new(channel.clone());
+    let mut rounds = RoundServiceClient::new(channel.clone());
+    register_node(&channel, "n1").await;
+    let job_id = create(&mut jobs, "late-watcher").await.job.unwrap().id;
+    let mut early = Vec::new();
+    for t in 0..5 {
+        let trainer = format!("t{t}");
+        let assignment = join(&mut rounds, job_id, &trainer).await;
+        early.push((trainer, assignment.leaf_endpoint_id));
+    }
+
+    let mut work = watch_assignments(&channel, "n1").await;
+    // Joined after the watch began: sent on its own, once.
+    let late = join(&mut rounds, job_id, "t5").await;
+    jobs.cancel_job(pb::CancelJobRequest { job_id })
+        .await
+        .unwrap();
+
+    let view = NodeView::read_until_job_ended(&mut work).await;
+    assert_eq!(view.rounds.len(), 1, "the round is sent once");
+    assert_eq!(view.admitted.len(), 2, "{view:?}");
+    let mut caught_up = view.admitted[0].clone();
+    caught_up.sort();
+    early.sort();
+    assert_eq!(caught_up, early);
+    assert_eq!(view.admitted[1], [("t5".to_owned(), late.leaf_endpoint_id)]);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn each_node_gets_only_the_seats_of_leaves_placed_on_it() {
+    let server = start(StoreLocation::Memory, None).await;
+    let channel = channel(&server).await;
+    let mut jobs = JobServiceClient::new(channel.clone());
+    let mut rounds = RoundServiceClient::new(channel.clone());
+    // Two cores each for a tree of four (three leaves and a top): the
+    // planner must spread leaves over both nodes.
+    register_node_with_cores(&channel, "a", 2).await;
+    register_node_with_cores(&channel, "b", 2).await;
+    let mut work_a = watch_assignments(&channel, "a").await;
+    let mut work_b = watch_assignments(&channel, "b").await;
+
+    let job_id = create(&mut jobs, "spread").await.job.unwrap().id;
+    let mut joins = Vec::new();
+    for t in 0..8 {
+        let trainer = format!("t{t}");
+        let assignment = join(&mut rounds, job_id, &trainer).await;
+        joins.push((trainer, assignment.leaf_endpoint_id, assignment.node_id));
+    }
+    jobs.cancel_job(pb::CancelJobRequest { job_id })
+        .await
+        .unwrap();
+
+    for (node, stream) in [("a", &mut work_a), ("b", &mut work_b)] {
+        let view = NodeView::read_until_job_ended(stream).await;
+        let expected: Vec<(String, u32)> = joins
+            .iter()
+            .filter(|(_, _, n)| n == node)
+            .map(|(t, leaf, _)| (t.clone(), *leaf))
+            .collect();
+        assert!(!expected.is_empty(), "no leaf on {node}: {joins:?}");
+        assert_eq!(view.all_seats(), expected, "node {node}");
+        let leaves = view.leaves();
+        assert!(
+            expected.iter().all(|(_, leaf)| leaves.contains(leaf)),
+            "node {node} runs leaves {leaves:?}"
+        );
+    }
     server.shutdown().await.unwrap();
 }
 

@@ -4,7 +4,7 @@
 
 use lifl_proto::v1 as pb;
 
-use crate::coordinator::{Event, NodeWork, TrainerAssignment};
+use crate::coordinator::{Event, NodeWork, TrainerAssignment, TrainerSeat};
 use crate::job::{Job, JobState, RoundRecord};
 use crate::node::{Node, NodeStatus};
 use crate::planner::{Aggregator, Topology};
@@ -158,7 +158,9 @@ pub(super) fn topology_to_pb(t: &Topology) -> pb::Topology {
     }
 }
 
-pub(super) fn event_to_pb(event: &Event) -> pb::JobEvent {
+/// The job watchers' message for `event`; `None` for an admission, which they
+/// see as the `RoundProgress` published with it.
+pub(super) fn event_to_pb(event: &Event) -> Option<pb::JobEvent> {
     use pb::job_event::Kind;
     let (job, kind) = match event {
         Event::StateChanged { job, from } => (
@@ -194,11 +196,12 @@ pub(super) fn event_to_pb(event: &Event) -> pb::JobEvent {
                 record: Some(record_to_pb(record)),
             }),
         ),
+        Event::TrainerAdmitted { .. } => return None,
     };
-    pb::JobEvent {
+    Some(pb::JobEvent {
         job,
         kind: Some(kind),
-    }
+    })
 }
 
 pub(super) fn snapshot_to_pb(job: &Job) -> pb::JobEvent {
@@ -253,6 +256,24 @@ pub(super) fn work_to_pb(work: &NodeWork) -> pb::NodeAssignment {
                 })
                 .collect(),
         })),
+    }
+}
+
+pub(super) fn admitted_to_pb(job_id: u32, round: u32, seats: &[TrainerSeat]) -> pb::NodeAssignment {
+    pb::NodeAssignment {
+        kind: Some(pb::node_assignment::Kind::TrainersAdmitted(
+            pb::TrainersAdmitted {
+                job_id,
+                round,
+                trainers: seats
+                    .iter()
+                    .map(|s| pb::TrainerSeat {
+                        trainer_id: s.trainer_id.clone(),
+                        leaf_endpoint_id: s.leaf_endpoint_id,
+                    })
+                    .collect(),
+            },
+        )),
     }
 }
 

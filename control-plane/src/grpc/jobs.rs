@@ -167,9 +167,12 @@ async fn feed_watch(
         };
         let (message, ended) = match received {
             Ok(event) if event.job_id() == job_id => {
+                let Some(message) = event_to_pb(&event) else {
+                    continue;
+                };
                 let ended =
                     matches!(&event, Event::StateChanged { job, .. } if job.state.is_terminal());
-                (event_to_pb(&event), ended)
+                (message, ended)
             }
             Ok(_) => continue,
             Err(broadcast::error::RecvError::Lagged(_)) => match coordinator.job(job_id).await {
