@@ -77,6 +77,8 @@ pub struct Gateway {
     node: Arc<Node>,
     config: GatewayConfig,
     jobs: Mutex<HashMap<u32, Arc<JobGate>>>,
+    /// Woken whenever a job opens.
+    opened: Notify,
 }
 
 /// One job's side of the gateway.
@@ -151,6 +153,7 @@ impl Gateway {
             node,
             config,
             jobs: Mutex::new(HashMap::new()),
+            opened: Notify::new(),
         })
     }
 
@@ -160,6 +163,27 @@ impl Gateway {
 
     fn gate(&self, job: u32) -> Option<Arc<JobGate>> {
         self.jobs().get(&job).cloned()
+    }
+
+    /// The job's gate, waiting until `deadline` for it to open: a trainer
+    /// may call as soon as its join started a round, before this node heard
+    /// of the round.
+    async fn gate_by(
+        &self,
+        job: u32,
+        deadline: tokio::time::Instant,
+    ) -> Result<Arc<JobGate>, Status> {
+        loop {
+            let opened = self.opened.notified();
+            if let Some(gate) = self.gate(job) {
+                return Ok(gate);
+            }
+            if tokio::time::timeout_at(deadline, opened).await.is_err() {
+                return Err(Status::not_found(format!(
+                    "job {job} has no work on this node"
+                )));
+            }
+        }
     }
 
     /// The gateway's endpoint id for `job`, registering it (and writing the
@@ -205,6 +229,7 @@ impl Gateway {
             return Ok(existing);
         }
         tokio::spawn(receive_models(gate));
+        self.opened.notify_waiters();
         tracing::info!(job, endpoint = id, params, "gateway open for job");
         Ok(id)
     }
@@ -276,10 +301,8 @@ impl Gateway {
         if header.samples == 0 {
             return Err(Status::invalid_argument("samples must be at least 1"));
         }
-        let gate = self.gate(header.job_id).ok_or_else(|| {
-            Status::not_found(format!("job {} has no work on this node", header.job_id))
-        })?;
         let deadline = tokio::time::Instant::now() + self.config.admission_wait;
+        let gate = self.gate_by(header.job_id, deadline).await?;
         loop {
             // Register for a wake-up before looking, so none is missed.
             let changed = gate.changed.notified();
@@ -580,18 +603,23 @@ impl GatewayService for GatewayServer {
         request: Request<FetchModelRequest>,
     ) -> Result<Response<Self::FetchModelStream>, Status> {
         let request = request.into_inner();
-        let gate = self.gateway.gate(request.job_id).ok_or_else(|| {
-            Status::not_found(format!("job {} has no model on this node", request.job_id))
-        })?;
         let longest = self.gateway.config.fetch_wait;
         let wait = match request.wait_ms {
             0 => longest,
             ms => Duration::from_millis(ms).min(longest),
         };
+        let started = tokio::time::Instant::now();
+        let gate = self
+            .gateway
+            .gate_by(
+                request.job_id,
+                started + wait.min(self.gateway.config.admission_wait),
+            )
+            .await?;
         let wanted = request.min_version;
         let mut slot = gate.model.subscribe();
-        let ready = tokio::time::timeout(
-            wait,
+        let ready = tokio::time::timeout_at(
+            started + wait,
             slot.wait_for(|s| s.ended || s.model.as_ref().is_some_and(|m| m.version >= wanted)),
         )
         .await;
