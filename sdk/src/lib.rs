@@ -38,7 +38,10 @@
 //! aggregators.
 //!
 //! [`training`] is the trainers' side: a seeded non-IID synthetic dataset
-//! and softmax regression trained locally by SGD.
+//! and softmax regression trained locally by SGD. [`trainer`] takes it over
+//! the network: join a round at the control plane, fetch the global model
+//! from a node's gateway, push the update back; `lifl-trainer` runs many
+//! simulated trainers that way in one process.
 //!
 //! Errors say whose fault they are ([`SdkError::fault`]) and whether the
 //! same call can succeed later ([`SdkError::is_retryable`]).
@@ -48,6 +51,7 @@ mod buffer;
 mod endpoint;
 mod error;
 pub mod fedavg;
+pub mod trainer;
 pub mod training;
 
 pub use buffer::{BufferMut, Sendable, Update, UpdateMeta};
