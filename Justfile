@@ -24,32 +24,54 @@ deps:
 # Where `just up` keeps its store, sockets, logs and pids.
 state := justfile_directory() / ".state"
 
-# Install what is missing, build, and start the control plane (127.0.0.1:7400,
-# store in .state/) and one sidecar (.state/sidecar.sock); they keep running.
+# Install what is missing, build, start the control plane (127.0.0.1:7400,
+# store in .state/) and one sidecar as its node (gateway 127.0.0.1:7401), run
+# the demo job (demo/job.json: 32 trainers, 3 levels, 5 rounds, eager) with
+# simulated trainers, and leave the platform running for liflctl and grpcurl.
 up: deps
     #!/usr/bin/env bash
     set -euo pipefail
     cargo build --release --workspace --bins
-    mkdir -p "{{state}}"
+    mkdir -p "{{state}}/checkpoints"
     just down >/dev/null
     if [ "$(id -u)" -ne 0 ]; then
         echo "not root: the sidecar will route descriptors in user space (dataplane=userspace)"
     fi
-    ./target/release/lifl-control-plane --store "{{state}}/control-plane.redb" </dev/null \
+    bin=./target/release
+    $bin/lifl-control-plane --store "{{state}}/control-plane.redb" </dev/null \
         >"{{state}}/control-plane.out" 2>"{{state}}/control-plane.log" &
     echo $! >"{{state}}/control-plane.pid"
-    ./target/release/lifl-sidecar --socket "{{state}}/sidecar.sock" </dev/null \
-        >/dev/null 2>"{{state}}/sidecar.log" &
+    for _ in $(seq 100); do [ -s "{{state}}/control-plane.out" ] && break; sleep 0.1; done
+    [ -s "{{state}}/control-plane.out" ] || { cat "{{state}}/control-plane.log"; exit 1; }
+    $bin/lifl-sidecar --socket "{{state}}/sidecar.sock" --node-id "$(hostname)" \
+        --control-plane http://127.0.0.1:7400 --gateway-listen 127.0.0.1:7401 \
+        --checkpoint-dir "{{state}}/checkpoints" </dev/null >/dev/null 2>"{{state}}/sidecar.log" &
     echo $! >"{{state}}/sidecar.pid"
     for _ in $(seq 100); do
-        [ -s "{{state}}/control-plane.out" ] && [ -S "{{state}}/sidecar.sock" ] && break
+        grep -q "registered with the control plane" "{{state}}/sidecar.log" && break
         sleep 0.1
     done
-    [ -S "{{state}}/sidecar.sock" ] || { cat "{{state}}/sidecar.log"; exit 1; }
-    [ -s "{{state}}/control-plane.out" ] || { cat "{{state}}/control-plane.log"; exit 1; }
+    grep -q "registered with the control plane" "{{state}}/sidecar.log" \
+        || { cat "{{state}}/sidecar.log"; exit 1; }
     echo "control plane: $(head -1 "{{state}}/control-plane.out")  (liflctl, grpcurl -plaintext)"
-    echo "sidecar:       {{state}}/sidecar.sock  ($(grep -o 'dataplane=[a-z_]*' "{{state}}/sidecar.log"))"
-    echo "logs in {{state}}/; stop with: just down"
+    echo "sidecar:       {{state}}/sidecar.sock, gateway 127.0.0.1:7401 ($(grep -o 'dataplane=[a-z_]*' "{{state}}/sidecar.log"))"
+
+    $bin/liflctl --json job create -f demo/job.json >"{{state}}/demo-job.json"
+    job=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["job"]["id"])' <"{{state}}/demo-job.json")
+    token=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["trainer_token"])' <"{{state}}/demo-job.json")
+    echo "demo job $job: 32 simulated trainers, 5 rounds; the trainers' log is in {{state}}/trainer.log"
+    LIFL_TRAINER_TOKEN="$token" $bin/lifl-trainer --job "$job" --trainers 32 \
+        2>"{{state}}/trainer.log" | tee "{{state}}/trainer.jsonl" | python3 -u -c '
+    import json, sys
+    for line in sys.stdin:
+        e = json.loads(line)
+        if e["event"] == "round":
+            print("  round {round}: accuracy {accuracy:.3f}  loss {loss:.3f}  ({trainers} trainers, {seconds:.2f} s)".format(**e))
+        elif e["event"] == "done":
+            print("final accuracy {final_accuracy:.3f} (first round {first_accuracy:.3f})".format(**e))
+    ' || { tail -20 "{{state}}/trainer.log"; exit 1; }
+    $bin/liflctl job get "$job"
+    echo "checkpoints in {{state}}/checkpoints; logs in {{state}}/; stop with: just down"
 
 # Stop what `just up` started (SIGTERM, then wait).
 down:

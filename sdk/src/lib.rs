@@ -8,7 +8,7 @@
 //! `&[f32]`. Dropping a buffer or an update gives its reference back.
 //!
 //! ```no_run
-//! use lifl_sdk::{DescKind, Endpoint, Registration, UpdateMeta};
+//! use lifl_sdk::{Endpoint, Registration, UpdateMeta};
 //!
 //! # async fn demo() -> Result<(), lifl_sdk::SdkError> {
 //! let socket = "/run/lifl/sidecar.sock";
@@ -20,7 +20,7 @@
 //! update.as_mut_f32()?.copy_from_slice(&[0.5, -1.0, 2.0]);
 //!
 //! // Move it by reference: only a descriptor travels.
-//! let meta = UpdateMeta { round: 1, kind: DescKind::Update, samples: 600 };
+//! let meta = UpdateMeta::update(1, 600);
 //! leaf.send(top.id(), update, meta).await?;
 //!
 //! // Read it in place on the other side; dropping it releases the buffer.
