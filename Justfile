@@ -112,6 +112,12 @@ bench-control-plane:
     ./target/release/lifl-bench-control-plane
 
 # FedAvg fold throughput (1 to 8 updates per pass) beside an in-run memcpy, as JSON.
+# Whole rounds: K in {10,50,100} trainer processes, M in {1M,11.7M} params:
+# round time, bytes aggregated per second, peak RSS, in-round fold vs memcpy.
+bench-round:
+    cargo build --release --workspace --bins
+    ./target/release/lifl-bench-round --bin-dir target/release
+
 bench-fold:
     cargo build --release -p lifl-integration --bin lifl-bench-fold
     ./target/release/lifl-bench-fold

@@ -11,7 +11,7 @@
 //! model-sized sum, whatever its number of children.
 
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use sha2::{Digest, Sha256};
@@ -78,10 +78,33 @@ pub struct RoundOutcome {
     pub samples: u64,
     /// Trainers' updates behind the result, summed over the children.
     pub updates: u32,
+    /// Time spent folding, and the bytes of the children's results it read.
+    pub fold: FoldTime,
     /// SHA-256 of the result's bytes, hex.
     pub sha256: String,
     /// The checkpoint written, at the top.
     pub checkpoint: Option<PathBuf>,
+}
+
+/// How long folding took, to set beside memory bandwidth.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FoldTime {
+    /// Bytes of children's results read by the fold.
+    pub bytes: u64,
+    /// Time inside the fold.
+    pub busy: Duration,
+    /// Passes over the sum (each folds up to 8 results).
+    pub passes: u32,
+}
+
+impl FoldTime {
+    /// Bytes folded per second of fold time, in GB/s; 0 before any fold.
+    pub fn gbps(&self) -> f64 {
+        match self.busy.as_secs_f64() {
+            secs if secs > 0.0 => self.bytes as f64 / secs / 1e9,
+            _ => 0.0,
+        }
+    }
 }
 
 /// Why a round could not produce a result.
@@ -117,6 +140,7 @@ pub async fn run_round(
     plan: &RoundPlan,
 ) -> Result<RoundOutcome, AggregatorError> {
     let mut acc = Accumulator::new(plan.params);
+    let mut fold = FoldTime::default();
     let mut held: Vec<Update> = Vec::new();
     let (mut children, mut refused, mut updates) = (0u32, 0u32, 0u32);
 
@@ -143,7 +167,7 @@ pub async fn run_round(
             .iter()
             .fold(updates, |sum, u| sum.saturating_add(u.meta().updates));
         match plan.mode {
-            Mode::Eager => fold_all(&mut acc, &batch)?,
+            Mode::Eager => fold_all(&mut acc, &batch, &mut fold)?,
             Mode::Lazy => held.extend(batch),
         }
     }
@@ -154,7 +178,7 @@ pub async fn run_round(
         });
     }
     for chunk in held.chunks(FOLD_BATCH) {
-        fold_all(&mut acc, chunk)?;
+        fold_all(&mut acc, chunk, &mut fold)?;
     }
     drop(held);
 
@@ -163,7 +187,7 @@ pub async fn run_round(
         refused,
         updates,
     };
-    publish(endpoint, plan, &acc, counts).await
+    publish(endpoint, plan, &acc, counts, fold).await
 }
 
 /// What a round took in.
@@ -190,12 +214,23 @@ fn accepts(plan: &RoundPlan, update: &Update) -> bool {
         && update.len() == (plan.params * 4) as u64
 }
 
-fn fold_all(acc: &mut Accumulator, updates: &[Update]) -> Result<(), AggregatorError> {
+fn fold_all(
+    acc: &mut Accumulator,
+    updates: &[Update],
+    time: &mut FoldTime,
+) -> Result<(), AggregatorError> {
+    if updates.is_empty() {
+        return Ok(());
+    }
     let mut batch = Vec::with_capacity(updates.len());
     for update in updates {
         batch.push((update.as_f32()?, update.meta().samples));
     }
+    let started = Instant::now();
     acc.fold(&batch)?;
+    time.busy += started.elapsed();
+    time.bytes += updates.iter().map(Update::len).sum::<u64>();
+    time.passes += 1;
     Ok(())
 }
 
@@ -206,6 +241,7 @@ async fn publish(
     plan: &RoundPlan,
     acc: &Accumulator,
     counts: Counts,
+    fold: FoldTime,
 ) -> Result<RoundOutcome, AggregatorError> {
     let mut result = endpoint.alloc((plan.params * 4) as u64).await?;
     let samples = acc.write_mean(result.as_mut_f32()?)?;
@@ -240,6 +276,7 @@ async fn publish(
         refused: counts.refused,
         samples,
         updates: counts.updates,
+        fold,
         sha256,
         checkpoint,
     })

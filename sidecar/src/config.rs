@@ -115,6 +115,11 @@ pub struct Config {
     #[arg(long, env = "LIFL_SIDECAR_AGGREGATOR")]
     pub aggregator: Option<PathBuf>,
 
+    /// Seconds an ended job's last model stays available to trainers (and
+    /// its arena stays allocated) before the gateway lets the job go.
+    #[arg(long, env = "LIFL_SIDECAR_MODEL_LINGER_SECS", default_value_t = 600)]
+    pub model_linger_secs: u64,
+
     /// Where top aggregators write each round's model checkpoint.
     #[arg(
         long,

@@ -166,7 +166,11 @@ impl NodeSetup {
         node: Arc<Node>,
         shutdown: CancellationToken,
     ) -> Vec<tokio::task::JoinHandle<()>> {
-        let gateway = Gateway::new(config.socket.clone(), node, GatewayConfig::default());
+        let gateway_config = GatewayConfig {
+            model_linger: Duration::from_secs(config.model_linger_secs),
+            ..GatewayConfig::default()
+        };
+        let gateway = Gateway::new(config.socket.clone(), node, gateway_config);
         let service = GatewayServiceServer::new(GatewayServer::new(gateway.clone()))
             .max_decoding_message_size(GATEWAY_MAX_MESSAGE_BYTES);
         let incoming = TcpListenerStream::new(self.gateway_listener);

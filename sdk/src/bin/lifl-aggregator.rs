@@ -74,9 +74,57 @@ struct Args {
     /// `http://127.0.0.1:7400`.
     #[arg(long)]
     report_to: Option<String>,
+    /// A file to append the done line to as well (one JSON object a line),
+    /// for benchmarks and operators collecting every aggregator's figures.
+    #[arg(long, env = "LIFL_AGGREGATOR_REPORT_FILE")]
+    report_file: Option<PathBuf>,
     /// The control plane's admin token, if it has one.
     #[arg(long, env = "LIFL_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+}
+
+/// What the process holds in memory, from `/proc/self/status`.
+#[derive(Debug, Default)]
+struct Memory {
+    /// Peak resident set (`VmHWM`), bytes.
+    peak: u64,
+    /// Resident pages of shared memory (`RssShmem`): arena pages read in
+    /// place, which the sidecar owns; not extra memory.
+    shared: u64,
+}
+
+impl Memory {
+    fn read() -> Self {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|rest| {
+                    rest.trim()
+                        .trim_end_matches("kB")
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
+                })
+                .map_or(0, |kib| kib * 1024)
+        };
+        Self {
+            peak: field("VmHWM:"),
+            shared: field("RssShmem:"),
+        }
+    }
+}
+
+/// Appends one line; lines of several aggregators never interleave (one
+/// `write` in append mode).
+fn append_line(path: &std::path::Path, line: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    file.write_all(format!("{line}\n").as_bytes())
 }
 
 /// Attempts at reporting a round while the control plane is unreachable.
@@ -163,19 +211,31 @@ async fn main() -> anyhow::Result<()> {
     let outcome = run_round(&endpoint, &plan)
         .await
         .context("aggregate the round")?;
-    println!(
-        "{}",
-        serde_json::json!({
-            "event": "done",
-            "endpoint": endpoint.id(),
-            "children": outcome.children,
-            "refused": outcome.refused,
-            "samples": outcome.samples,
-            "updates": outcome.updates,
-            "sha256": outcome.sha256,
-            "checkpoint": outcome.checkpoint,
-        })
-    );
+    let memory = Memory::read();
+    let done = serde_json::json!({
+        "event": "done",
+        "job": args.job,
+        "round": args.round,
+        "role": format!("{role:?}").to_lowercase(),
+        "endpoint": endpoint.id(),
+        "children": outcome.children,
+        "refused": outcome.refused,
+        "samples": outcome.samples,
+        "updates": outcome.updates,
+        "sha256": outcome.sha256,
+        "checkpoint": outcome.checkpoint,
+        "fold_bytes": outcome.fold.bytes,
+        "fold_seconds": outcome.fold.busy.as_secs_f64(),
+        "fold_passes": outcome.fold.passes,
+        "peak_rss_bytes": memory.peak,
+        "arena_rss_bytes": memory.shared,
+        "private_peak_bytes": memory.peak.saturating_sub(memory.shared),
+    });
+    println!("{done}");
+    if let Some(path) = &args.report_file {
+        append_line(path, &done.to_string())
+            .with_context(|| format!("append the report to {}", path.display()))?;
+    }
     if let (Role::Top, Some(url)) = (role, &args.report_to) {
         let request = CompleteRoundRequest {
             job_id: args.job,
