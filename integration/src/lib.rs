@@ -6,6 +6,12 @@
 //! program that plays one side of a scenario and reports what it saw as JSON
 //! lines. Both can run as an unprivileged user (through `setpriv`) so the
 //! user-space data path is tested as such even where the tests run as root.
+//!
+//! For whole federated rounds, [`ControlPlaneProcess`] starts
+//! `lifl-control-plane` with an in-memory store and drives it with `liflctl`;
+//! [`SidecarBuilder::node`] makes a sidecar serve as that control plane's node
+//! (trainer gateway, aggregators it launches, checkpoints in its own
+//! directory); [`run_trainers`] runs the `lifl-trainer` simulation to its end.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -114,7 +120,17 @@ pub struct SidecarProcess {
     child: Child,
     socket: PathBuf,
     mode: Mode,
+    /// Set when it serves as a control plane's node.
+    node: Option<NodeInfo>,
     _dir: tempfile::TempDir,
+}
+
+/// Who a sidecar is to the control plane it serves.
+#[derive(Debug, Clone)]
+struct NodeInfo {
+    id: String,
+    gateway_address: String,
+    checkpoint_dir: PathBuf,
 }
 
 /// How to start a sidecar.
@@ -124,6 +140,8 @@ pub struct SidecarBuilder {
     arena_bytes: String,
     endpoint_credit: Option<u64>,
     hugepages: bool,
+    /// `host:port` of the control plane to serve as a node of.
+    control_plane: Option<String>,
     extra: Vec<String>,
 }
 
@@ -135,6 +153,7 @@ impl SidecarProcess {
             arena_bytes: "64MiB".into(),
             endpoint_credit: None,
             hugepages: false,
+            control_plane: None,
             extra: vec![],
         }
     }
@@ -147,6 +166,22 @@ impl SidecarProcess {
     /// The mode it runs in.
     pub fn mode(&self) -> Mode {
         self.mode
+    }
+
+    /// Its node id at the control plane, if it serves one.
+    pub fn node_id(&self) -> Option<&str> {
+        self.node.as_ref().map(|n| n.id.as_str())
+    }
+
+    /// `host:port` of its trainer gateway, if it serves a control plane.
+    pub fn gateway_address(&self) -> Option<&str> {
+        self.node.as_ref().map(|n| n.gateway_address.as_str())
+    }
+
+    /// Where its top aggregators write checkpoints, if it serves a control
+    /// plane.
+    pub fn checkpoint_dir(&self) -> Option<&Path> {
+        self.node.as_ref().map(|n| n.checkpoint_dir.as_path())
     }
 
     /// The sidecar's current state.
@@ -213,6 +248,16 @@ impl SidecarBuilder {
         self
     }
 
+    /// Serves as a node of `control_plane`: registers with it, runs the
+    /// trainer gateway on a free port of 127.0.0.1, launches the aggregators
+    /// of its round assignments and has the tops checkpoint into a directory
+    /// of its own. [`start`](Self::start) then returns once the control
+    /// plane lists the node online.
+    pub fn node(mut self, control_plane: &ControlPlaneProcess) -> Self {
+        self.control_plane = Some(control_plane.address().to_owned());
+        self
+    }
+
     /// Any further flags.
     pub fn arg(mut self, arg: &str) -> Self {
         self.extra.push(arg.into());
@@ -239,11 +284,12 @@ impl SidecarBuilder {
         if !self.hugepages {
             cmd.arg("--no-hugepages");
         }
+        let node = match &self.control_plane {
+            Some(control_plane) => Some(node_flags(&mut cmd, dir.path(), control_plane)?),
+            None => None,
+        };
         cmd.args(&self.extra);
-        cmd.env(
-            "LIFL_LOG",
-            std::env::var("LIFL_LOG").unwrap_or_else(|_| "info".into()),
-        );
+        cmd.env("LIFL_LOG", log_filter());
         let child = cmd
             .stdin(Stdio::null())
             .spawn()
@@ -252,6 +298,7 @@ impl SidecarBuilder {
             child,
             socket,
             mode: self.mode,
+            node: None,
             _dir: dir,
         };
 
@@ -268,6 +315,11 @@ impl SidecarBuilder {
                         self.mode.dataplane()
                     );
                 }
+                if let (Some(mut node), Some(control_plane)) = (node, &self.control_plane) {
+                    node.gateway_address =
+                        wait_for_node(&mut sidecar.child, control_plane, &node.id, deadline)?;
+                    sidecar.node = Some(node);
+                }
                 return Ok(sidecar);
             }
             if Instant::now() > deadline {
@@ -278,6 +330,57 @@ impl SidecarBuilder {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+/// Adds the flags that make a sidecar in `dir` a node of `control_plane`,
+/// and makes its checkpoint directory; the gateway address is learnt later.
+fn node_flags(cmd: &mut Command, dir: &Path, control_plane: &str) -> anyhow::Result<NodeInfo> {
+    let checkpoint_dir = dir.join("checkpoints");
+    std::fs::create_dir(&checkpoint_dir)?;
+    // Its top aggregators may run as an unprivileged user.
+    std::fs::set_permissions(&checkpoint_dir, std::fs::Permissions::from_mode(0o777))?;
+    // Unique per sidecar, as the directory is.
+    let id = dir
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .context("the sidecar directory has a name")?;
+    cmd.arg("--control-plane")
+        .arg(format!("http://{control_plane}"));
+    cmd.args(["--gateway-listen", "127.0.0.1:0", "--node-id", &id]);
+    cmd.arg("--checkpoint-dir").arg(&checkpoint_dir);
+    Ok(NodeInfo {
+        id,
+        gateway_address: String::new(),
+        checkpoint_dir,
+    })
+}
+
+/// Polls `liflctl node list` until node `id` is online, and returns the
+/// gateway address it registered.
+fn wait_for_node(
+    sidecar: &mut Child,
+    control_plane: &str,
+    id: &str,
+    deadline: Instant,
+) -> anyhow::Result<String> {
+    loop {
+        if let Some(status) = sidecar.try_wait()? {
+            bail!("lifl-sidecar exited before registering with the control plane: {status}");
+        }
+        let nodes = liflctl(control_plane, &["node", "list"])?;
+        let node = nodes
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|n| n["id"] == id && n["online"] == true);
+        if let Some(address) = node.and_then(|n| n["gateway_address"].as_str()) {
+            return Ok(address.to_owned());
+        }
+        if Instant::now() > deadline {
+            bail!("node {id} did not come online at the control plane {control_plane}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -305,6 +408,172 @@ pub fn terminate(child: &mut Child, grace: Duration) -> anyhow::Result<ExitStatu
         "process {} ignored SIGTERM for {grace:?}",
         child.id()
     ))
+}
+
+/// A running `lifl-control-plane` on `127.0.0.1:0` with an in-memory store,
+/// stopped with SIGTERM on drop.
+#[derive(Debug)]
+pub struct ControlPlaneProcess {
+    child: Child,
+    /// `host:port` it listens on, as it printed it.
+    address: String,
+    /// Its stdout after the address, kept open so a later line never meets
+    /// a closed pipe.
+    _stdout: mpsc::Receiver<String>,
+}
+
+/// A job as `liflctl job create` reported it.
+#[derive(Debug, Clone)]
+pub struct CreatedJob {
+    /// Job id.
+    pub id: u32,
+    /// The secret its trainers join rounds with.
+    pub trainer_token: String,
+}
+
+impl ControlPlaneProcess {
+    /// Starts one and waits for the address it prints first.
+    pub fn start() -> anyhow::Result<Self> {
+        let mut child = Command::new(binary("lifl-control-plane")?)
+            .args(["--store", ":memory:", "--listen", "127.0.0.1:0"])
+            .env("LIFL_LOG", log_filter())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("spawn lifl-control-plane")?;
+        let stdout = forward_lines(child.stdout.take().expect("stdout is piped"));
+        match stdout.recv_timeout(Duration::from_secs(20)) {
+            Ok(address) => Ok(Self {
+                child,
+                address: address.trim().to_owned(),
+                _stdout: stdout,
+            }),
+            Err(_) => {
+                let _ = terminate(&mut child, Duration::from_secs(5));
+                bail!("lifl-control-plane printed no address");
+            }
+        }
+    }
+
+    /// `host:port` it listens on.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// Its address as a URL, for clients that want one.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    /// Runs `liflctl --json <args>` against it and returns what it printed.
+    pub fn liflctl(&self, args: &[&str]) -> anyhow::Result<Value> {
+        liflctl(&self.address, args)
+    }
+
+    /// Creates a job from `spec` (the JSON `liflctl job create` takes).
+    pub fn create_job(&self, spec: &Value) -> anyhow::Result<CreatedJob> {
+        let mut file = tempfile::Builder::new().suffix(".json").tempfile()?;
+        file.write_all(spec.to_string().as_bytes())?;
+        self.create_job_from(file.path())
+    }
+
+    /// Creates a job from the spec file at `path`.
+    pub fn create_job_from(&self, path: &Path) -> anyhow::Result<CreatedJob> {
+        let path = path.to_str().context("the spec path is not UTF-8")?;
+        let created = self.liflctl(&["job", "create", "-f", path])?;
+        let id = created["job"]["id"]
+            .as_u64()
+            .and_then(|id| u32::try_from(id).ok())
+            .with_context(|| format!("no job id in {created}"))?;
+        let trainer_token = created["trainer_token"]
+            .as_str()
+            .with_context(|| format!("no trainer token in {created}"))?
+            .to_owned();
+        Ok(CreatedJob { id, trainer_token })
+    }
+
+    /// The job as `liflctl job get` shows it, rounds included.
+    pub fn job(&self, id: u32) -> anyhow::Result<Value> {
+        self.liflctl(&["job", "get", &id.to_string()])
+    }
+}
+
+impl Drop for ControlPlaneProcess {
+    fn drop(&mut self) {
+        let _ = terminate(&mut self.child, Duration::from_secs(5));
+    }
+}
+
+/// Runs `liflctl --server <control_plane> --json <args>` and parses its
+/// output; a non-zero exit is an error carrying what it printed on stderr.
+fn liflctl(control_plane: &str, args: &[&str]) -> anyhow::Result<Value> {
+    let output = Command::new(binary("liflctl")?)
+        .args(["--server", control_plane, "--json"])
+        .args(args)
+        .env_remove("LIFL_CTL_TOKEN")
+        .output()
+        .context("run liflctl")?;
+    if !output.status.success() {
+        bail!(
+            "liflctl {} failed ({}): {}",
+            args.join(" "),
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    serde_json::from_slice(&output.stdout)
+        .with_context(|| format!("liflctl {} printed no JSON", args.join(" ")))
+}
+
+/// Runs `lifl-trainer` for `job` to its end, as the user `mode` runs
+/// processes as, with `args` after the connection flags, and returns the
+/// JSON lines it printed. Fails if it exits non-zero or outlives `timeout`.
+pub fn run_trainers(
+    mode: Mode,
+    control_plane: &ControlPlaneProcess,
+    job: &CreatedJob,
+    args: &[&str],
+    timeout: Duration,
+) -> anyhow::Result<Vec<Value>> {
+    let mut cmd = command_for(mode, &binary("lifl-trainer")?);
+    cmd.args(["--control-plane", &control_plane.url()])
+        .args(["--token", &job.trainer_token])
+        .args(["--job", &job.id.to_string()])
+        .args(args)
+        .env("LIFL_LOG", log_filter());
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("spawn lifl-trainer")?;
+    let lines = forward_lines(child.stdout.take().expect("stdout is piped"));
+
+    let deadline = Instant::now() + timeout;
+    let mut events = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) => events.push(
+                serde_json::from_str(&line)
+                    .with_context(|| format!("lifl-trainer printed a non-JSON line: {line}"))?,
+            ),
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let _ = terminate(&mut child, Duration::from_secs(5));
+                bail!("lifl-trainer did not finish within {timeout:?}; it printed {events:?}");
+            }
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("lifl-trainer failed ({status}) after printing {events:?}");
+    }
+    Ok(events)
+}
+
+/// `LIFL_LOG` for the processes started here: the caller's, else `info`.
+fn log_filter() -> String {
+    std::env::var("LIFL_LOG").unwrap_or_else(|_| "info".into())
 }
 
 /// A running `lifl-dp-peer`: one side of a scenario, reporting JSON lines.
@@ -495,4 +764,44 @@ pub fn update_values(k: u64, params: usize) -> Vec<f32> {
 /// plain mean and the weighted one differ.
 pub fn update_samples(k: u64) -> u64 {
     10 + (k * 37) % 91
+}
+
+/// The sample-weighted average of `updates` (values, samples), in `f64`
+/// straight from the definition: what any tree of aggregators must publish.
+pub fn weighted_average(updates: &[(Vec<f32>, u64)]) -> Vec<f64> {
+    let total: u64 = updates.iter().map(|(_, samples)| samples).sum();
+    let params = updates.first().map_or(0, |(values, _)| values.len());
+    let mut mean = vec![0.0f64; params];
+    for (values, samples) in updates {
+        let weight = *samples as f64 / total as f64;
+        for (m, &v) in mean.iter_mut().zip(values) {
+            *m += weight * f64::from(v);
+        }
+    }
+    mean
+}
+
+/// Max-norm relative distance between a model and a reference: infinite
+/// when their lengths differ, NaN when the model holds a NaN (so that
+/// `error < bound` fails).
+pub fn relative_error(model: &[f32], reference: &[f64]) -> f64 {
+    if model.len() != reference.len() {
+        return f64::INFINITY;
+    }
+    let scale = reference.iter().fold(0.0f64, |m, r| m.max(r.abs()));
+    // `f64::max` would skip a NaN; keep it instead.
+    let worst = model.iter().zip(reference).fold(0.0f64, |m, (&x, &r)| {
+        let d = (f64::from(x) - r).abs();
+        if d.is_nan() || d > m {
+            d
+        } else {
+            m
+        }
+    });
+    worst / scale
+}
+
+/// `values` as the little-endian bytes models travel and are stored as.
+pub fn le_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
