@@ -247,6 +247,11 @@ impl Endpoint {
     pub async fn alloc(&self, len: u64) -> Result<BufferMut, SdkError> {
         let id = self.next_request.fetch_add(1, Ordering::Relaxed);
         let grant = self.ask_grant(Request::Alloc { id, len }, id).await?;
+        // Its pages are about to be written: map them in one call.
+        let _ = self
+            .shared
+            .arena
+            .populate_for_write(grant.offset, grant.len);
         Ok(BufferMut {
             held: HeldRef::new(grant, self.shared.clone()),
         })

@@ -48,8 +48,13 @@ pub struct Accumulator {
 impl Accumulator {
     /// An empty accumulator for a model of `params` parameters.
     pub fn new(params: usize) -> Self {
+        // Written zeros, not `vec![0.0; n]`, whose lazily zeroed pages would
+        // fault inside the first fold: this happens while the aggregator
+        // still waits for its first input.
+        let mut sum = Vec::with_capacity(params);
+        sum.resize(params, 0.0);
         Self {
-            sum: vec![0.0; params],
+            sum,
             samples: 0,
             updates: 0,
         }

@@ -57,15 +57,18 @@ pub struct GatewayConfig {
     pub fetch_wait: Duration,
     /// How long an ended job's last model stays available for fetching.
     pub model_linger: Duration,
+    /// How long an ended job's last model may take to arrive.
+    pub end_grace: Duration,
 }
 
 impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
-            admission_wait: Duration::from_secs(2),
+            admission_wait: Duration::from_secs(5),
             leaf_wait: Duration::from_secs(10),
             fetch_wait: Duration::from_secs(30),
             model_linger: Duration::from_secs(600),
+            end_grace: Duration::from_secs(5),
         }
     }
 }
@@ -270,15 +273,30 @@ impl Gateway {
 
     /// The job ended: refuse pushes now, keep serving its last model for a
     /// while, then give everything back to the arena.
+    ///
+    /// The top aggregator hands the last model over before it reports the
+    /// round, but the news of the job's end can overtake that descriptor:
+    /// the gateway keeps receiving until the last round's model is in (or
+    /// [`GatewayConfig::end_grace`] passed, for a job cancelled mid-round),
+    /// and only then tells waiting fetchers that no newer model will come.
     pub fn end_job(self: &Arc<Self>, job: u32) {
         let Some(gate) = self.gate(job) else { return };
-        gate.state().ended = true;
+        let last_round = {
+            let mut state = gate.state();
+            state.ended = true;
+            state.round
+        };
         gate.changed.notify_waiters();
-        gate.model.send_modify(|slot| slot.ended = true);
-        gate.stop.cancel();
         let gateway = Arc::clone(self);
-        let linger = self.config.model_linger;
+        let (grace, linger) = (self.config.end_grace, self.config.model_linger);
         tokio::spawn(async move {
+            let mut slot = gate.model.subscribe();
+            let last_in =
+                slot.wait_for(|s| s.model.as_ref().is_some_and(|m| m.version >= last_round));
+            let _ = tokio::time::timeout(grace, last_in).await;
+            gate.model.send_modify(|slot| slot.ended = true);
+            gate.stop.cancel();
+
             tokio::time::sleep(linger).await;
             let mut jobs = gateway.jobs();
             if jobs.get(&job).is_some_and(|g| Arc::ptr_eq(g, &gate)) {
@@ -609,13 +627,7 @@ impl GatewayService for GatewayServer {
             ms => Duration::from_millis(ms).min(longest),
         };
         let started = tokio::time::Instant::now();
-        let gate = self
-            .gateway
-            .gate_by(
-                request.job_id,
-                started + wait.min(self.gateway.config.admission_wait),
-            )
-            .await?;
+        let gate = self.gateway.gate_by(request.job_id, started + wait).await?;
         let wanted = request.min_version;
         let mut slot = gate.model.subscribe();
         let ready = tokio::time::timeout_at(

@@ -383,8 +383,11 @@ fn status_field(status: &str, name: &str) -> u64 {
         .map_or(0, |kib| kib * 1024)
 }
 
-/// One core's memcpy bandwidth for buffers of `params` f32, best of 8.
+/// One core's memcpy bandwidth from memory (not cache), best of 8: buffers
+/// of `params` f32, or 256 MiB if that is larger, as the fold streams
+/// updates from the arena in RAM.
 fn memcpy_gbps(params: usize) -> f64 {
+    let params = params.max(64 << 20);
     let source: Vec<f32> = (0..params).map(|i| i as f32).collect();
     let mut target = vec![0f32; params];
     let best = (0..8)
