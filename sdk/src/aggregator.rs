@@ -93,6 +93,10 @@ pub struct FoldTime {
     pub bytes: u64,
     /// Time inside the fold.
     pub busy: Duration,
+    /// CPU time of the folding thread inside the fold: `busy` less the
+    /// time other processes had the core (the node's trainers, gateway and
+    /// other aggregators share it).
+    pub cpu: Duration,
     /// Passes over the sum (each folds up to 8 results).
     pub passes: u32,
 }
@@ -101,6 +105,15 @@ impl FoldTime {
     /// Bytes folded per second of fold time, in GB/s; 0 before any fold.
     pub fn gbps(&self) -> f64 {
         match self.busy.as_secs_f64() {
+            secs if secs > 0.0 => self.bytes as f64 / secs / 1e9,
+            _ => 0.0,
+        }
+    }
+
+    /// Bytes folded per second of the core's time, in GB/s; 0 before any
+    /// fold.
+    pub fn cpu_gbps(&self) -> f64 {
+        match self.cpu.as_secs_f64() {
             secs if secs > 0.0 => self.bytes as f64 / secs / 1e9,
             _ => 0.0,
         }
@@ -177,7 +190,7 @@ pub async fn run_round(
             minimum: plan.minimum,
         });
     }
-    for chunk in held.chunks(FOLD_BATCH) {
+    for chunk in held.chunks(balanced_batch(held.len())) {
         fold_all(&mut acc, chunk, &mut fold)?;
     }
     drop(held);
@@ -196,6 +209,14 @@ struct Counts {
     children: u32,
     refused: u32,
     updates: u32,
+}
+
+/// Batch size that folds `held` results in as few passes as [`FOLD_BATCH`]
+/// allows, with passes of equal size: ten results fold as 5 + 5, not
+/// 8 + 2, since a pass of two reads the sum for little.
+fn balanced_batch(held: usize) -> usize {
+    let passes = held.div_ceil(FOLD_BATCH).max(1);
+    held.div_ceil(passes).max(1)
 }
 
 /// Whether a child's result belongs in this round's fold.
@@ -226,9 +247,10 @@ fn fold_all(
     for update in updates {
         batch.push((update.as_f32()?, update.meta().samples));
     }
-    let started = Instant::now();
+    let (started, cpu_started) = (Instant::now(), thread_cpu_time());
     acc.fold(&batch)?;
     time.busy += started.elapsed();
+    time.cpu += thread_cpu_time().saturating_sub(cpu_started);
     time.bytes += updates.iter().map(Update::len).sum::<u64>();
     time.passes += 1;
     Ok(())
@@ -309,6 +331,31 @@ fn write_checkpoint(
     Ok(path)
 }
 
+/// CPU time this thread has used; zero if the clock cannot be read.
+fn thread_cpu_time() -> Duration {
+    use nix::time::{clock_gettime, ClockId};
+    clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID).map_or(Duration::ZERO, Duration::from)
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn held_results_fold_in_equal_passes_of_at_most_eight() {
+        let passes = |n: usize| {
+            let batch = balanced_batch(n);
+            assert!(batch <= FOLD_BATCH);
+            (n.div_ceil(batch), batch)
+        };
+        assert_eq!(passes(10), (2, 5));
+        assert_eq!(passes(8), (1, 8));
+        assert_eq!(passes(17), (3, 6));
+        assert_eq!(passes(3), (1, 3));
+        assert_eq!(balanced_batch(0), 1);
+    }
 }

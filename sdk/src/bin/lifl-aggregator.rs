@@ -226,6 +226,7 @@ async fn main() -> anyhow::Result<()> {
         "checkpoint": outcome.checkpoint,
         "fold_bytes": outcome.fold.bytes,
         "fold_seconds": outcome.fold.busy.as_secs_f64(),
+        "fold_cpu_seconds": outcome.fold.cpu.as_secs_f64(),
         "fold_passes": outcome.fold.passes,
         "peak_rss_bytes": memory.peak,
         "arena_rss_bytes": memory.shared,
