@@ -913,6 +913,44 @@ async fn tokens_are_enforced_per_job_when_an_admin_token_is_set() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
+    // It reads its own job, to follow the rounds, and no other.
+    let read = |job_id| pb::GetJobRequest { job_id };
+    let own = jobs
+        .get_job(with_token(read(a_id), &a.trainer_token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(own.id, a_id);
+    let status = jobs
+        .get_job(with_token(read(b_id), &a.trainer_token))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    let mut watch = jobs
+        .watch_job(with_token(
+            pb::WatchJobRequest { job_id: b_id },
+            &b.trainer_token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(watch.message().await.unwrap().is_some(), "a snapshot first");
+    let status = jobs
+        .watch_job(with_token(
+            pb::WatchJobRequest { job_id: a_id },
+            &b.trainer_token,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    let status = jobs
+        .cancel_job(with_token(
+            pb::CancelJobRequest { job_id: a_id },
+            &a.trainer_token,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
     let status = nodes
         .heartbeat(with_token(
             pb::HeartbeatRequest {

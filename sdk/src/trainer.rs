@@ -325,9 +325,9 @@ impl TrainerClient {
     }
 
     /// Presents `token` instead on job reads ([`job`](Self::job),
-    /// [`wait_for_version`](Self::wait_for_version)). The control plane
-    /// serves `JobService` to the admin token only, so a client holding a
-    /// trainer token needs this to follow its job.
+    /// [`wait_for_version`](Self::wait_for_version)). The job's trainer
+    /// token already reads its own job; an operator's tool following
+    /// several jobs can read them all with the admin token.
     pub fn with_admin_token(mut self, token: Option<String>) -> Result<Self, TrainerError> {
         let bearer = Bearer::new(token.as_deref())?;
         self.jobs = JobServiceClient::with_interceptor(self.channel.clone(), bearer);

@@ -8,14 +8,8 @@
 //! `{"event":"round",...}` after each round and `{"event":"done",...}` at the
 //! end. Progress for people goes to stderr. The exit status is non-zero if
 //! the job fails or is cancelled, an update is refused, or a round does not
-//! finish in time.
-//!
-//! LIMITATION: the job is read (model layout at start-up, progress after
-//! each round) through `JobService`, which the control plane serves to the
-//! admin token only, so a run holding just the job's trainer token stops at
-//! start-up with a message naming `--admin-token`. That suits a simulator
-//! the operator runs; real trainers only need `join` and the gateway. A
-//! job-scoped read for trainer tokens on the control plane would lift it.
+//! finish in time. The job's trainer token is all it needs: it joins rounds
+//! and reads the job (its layout at start-up, its progress after each round).
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -54,14 +48,10 @@ struct Args {
     /// Control-plane address.
     #[arg(long, env = "LIFL_TRAINER_CONTROL_PLANE", default_value = DEFAULT_CONTROL_PLANE)]
     control_plane: String,
-    /// Bearer token for joining rounds: the job's trainer token (or the
-    /// admin token).
+    /// Bearer token: the job's trainer token (or the admin token), when the
+    /// control plane has an admin token configured.
     #[arg(long, env = "LIFL_TRAINER_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// Bearer token for reading the job, which the control plane allows the
-    /// admin token only; defaults to `--token`.
-    #[arg(long, env = "LIFL_TRAINER_ADMIN_TOKEN", hide_env_values = true)]
-    admin_token: Option<String>,
     /// Job id.
     #[arg(long)]
     job: u32,
@@ -198,11 +188,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let spec = args.spec()?;
     let data = FederatedDataset::generate(&spec).context("generate the dataset")?;
 
-    let admin_token = args.admin_token.clone().or_else(|| args.token.clone());
     let client = TrainerClient::connect(&args.control_plane, args.token.clone())
         .await
-        .context("connect to the control plane")?
-        .with_admin_token(admin_token)?;
+        .context("connect to the control plane")?;
     let job = read_job(&client, args.job).await?;
     check_job(&job, &spec, args.trainers)?;
 
@@ -265,8 +253,8 @@ async fn read_job(client: &TrainerClient, job_id: u32) -> anyhow::Result<Job> {
             ) =>
         {
             Err(err).context(format!(
-                "read job {job_id}: reading a job needs the admin token \
-                 (--admin-token or LIFL_TRAINER_ADMIN_TOKEN)"
+                "read job {job_id}: pass the job's trainer token \
+                 (--token or LIFL_TRAINER_TOKEN)"
             ))
         }
         Err(err) => Err(err).context(format!("read job {job_id}")),
