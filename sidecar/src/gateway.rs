@@ -73,7 +73,7 @@ impl Default for GatewayConfig {
     }
 }
 
-/// The node's gateway: one [`JobGate`] per job with work on this node.
+/// The node's gateway: one gate per job with work on this node.
 #[derive(Debug)]
 pub struct Gateway {
     socket: PathBuf,
