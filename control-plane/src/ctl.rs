@@ -13,15 +13,14 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use lifl_proto::bearer::Bearer;
 use lifl_proto::v1 as pb;
 use lifl_proto::v1::job_service_client::JobServiceClient;
 use lifl_proto::v1::node_service_client::NodeServiceClient;
 use serde_json::{json, Value};
-use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
-use tonic::service::Interceptor;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Request, Status};
+use tonic::{Code, Status};
 
 use crate::grpc::draft_to_pb;
 use crate::spec::JobSpecDraft;
@@ -156,21 +155,6 @@ fn code_name(code: Code) -> String {
         })
 }
 
-/// Adds `authorization: Bearer <token>` to every call.
-#[derive(Debug, Clone)]
-pub struct Bearer(Option<MetadataValue<Ascii>>);
-
-impl Interceptor for Bearer {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(value) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        Ok(request)
-    }
-}
-
 type Intercepted = InterceptedService<Channel, Bearer>;
 
 /// Runs one command against the server named in `cli`.
@@ -226,13 +210,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
 }
 
 fn bearer(token: Option<&str>) -> Result<Bearer, CtlError> {
-    let Some(token) = token.filter(|t| !t.is_empty()) else {
-        return Ok(Bearer(None));
-    };
-    let value = format!("Bearer {token}")
-        .parse()
-        .map_err(|_| CtlError::Usage("the token must be printable ASCII".to_owned()))?;
-    Ok(Bearer(Some(value)))
+    Bearer::new(token).map_err(|e| CtlError::Usage(e.to_string()))
 }
 
 async fn connect(server: &str) -> Result<Channel, CtlError> {

@@ -7,9 +7,10 @@
 //! - [`control`]: the messages an endpoint exchanges with its node's sidecar
 //!   over the registration socket.
 //! - [`v1`]: the control plane's gRPC contract (`lifl.v1`), generated from
-//!   `proto/lifl/v1/*.proto`.
+//!   `proto/lifl/v1/*.proto`, and [`bearer`], the token its clients present.
 
 pub mod arena;
+pub mod bearer;
 pub mod control;
 pub mod descriptor;
 pub mod v1;

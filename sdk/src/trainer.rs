@@ -32,10 +32,10 @@
 //! one, so callers can branch on its code.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use lifl_proto::bearer::Bearer;
 use lifl_proto::v1 as pb;
 use lifl_proto::v1::fetch_model_response::Part as ModelPart;
 use lifl_proto::v1::gateway_service_client::GatewayServiceClient;
@@ -45,11 +45,9 @@ use lifl_proto::v1::round_service_client::RoundServiceClient;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tonic::codec::Streaming;
-use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
-use tonic::service::Interceptor;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Request, Status};
+use tonic::{Code, Status};
 
 use crate::error::Fault;
 
@@ -243,42 +241,6 @@ fn rejected(call: &'static str) -> impl FnOnce(Status) -> TrainerError {
     move |status| TrainerError::Rejected { call, status }
 }
 
-/// Adds `authorization: Bearer <token>` to every call it intercepts.
-#[derive(Clone)]
-struct Bearer(Option<MetadataValue<Ascii>>);
-
-impl Bearer {
-    /// A bearer for `token`; none (no header) for `None` or an empty token.
-    fn new(token: Option<&str>) -> Result<Self, TrainerError> {
-        let Some(token) = token.filter(|t| !t.is_empty()) else {
-            return Ok(Self(None));
-        };
-        let value = format!("Bearer {token}")
-            .parse()
-            .map_err(|_| TrainerError::InvalidToken)?;
-        Ok(Self(Some(value)))
-    }
-}
-
-impl fmt::Debug for Bearer {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Never print the token itself.
-        let shown = if self.0.is_some() { "<token>" } else { "none" };
-        f.debug_tuple("Bearer").field(&shown).finish()
-    }
-}
-
-impl Interceptor for Bearer {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(value) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        Ok(request)
-    }
-}
-
 type Authed = InterceptedService<Channel, Bearer>;
 
 /// A trainer's connection to the control plane, and to the gateways its
@@ -315,7 +277,7 @@ impl TrainerClient {
     /// A client over an existing channel to the control plane, as
     /// [`connect`](Self::connect) presenting `token`.
     pub fn from_channel(channel: Channel, token: Option<String>) -> Result<Self, TrainerError> {
-        let bearer = Bearer::new(token.as_deref())?;
+        let bearer = Bearer::new(token.as_deref()).map_err(|_| TrainerError::InvalidToken)?;
         Ok(Self {
             rounds: RoundServiceClient::with_interceptor(channel.clone(), bearer.clone()),
             jobs: JobServiceClient::with_interceptor(channel.clone(), bearer),
@@ -329,7 +291,7 @@ impl TrainerClient {
     /// token already reads its own job; an operator's tool following
     /// several jobs can read them all with the admin token.
     pub fn with_admin_token(mut self, token: Option<String>) -> Result<Self, TrainerError> {
-        let bearer = Bearer::new(token.as_deref())?;
+        let bearer = Bearer::new(token.as_deref()).map_err(|_| TrainerError::InvalidToken)?;
         self.jobs = JobServiceClient::with_interceptor(self.channel.clone(), bearer);
         Ok(self)
     }
@@ -896,7 +858,7 @@ mod tests {
     use lifl_proto::v1::round_service_server::{RoundService, RoundServiceServer};
     use tokio::net::TcpListener;
     use tokio_stream::wrappers::TcpListenerStream;
-    use tonic::{Response, Streaming};
+    use tonic::{Request, Response, Streaming};
 
     use super::*;
 
@@ -1136,15 +1098,11 @@ mod tests {
         );
     }
 
-    #[test]
-    fn tokens_are_checked_and_never_printed() {
-        assert!(matches!(
-            Bearer::new(Some("bad\ntoken")),
-            Err(TrainerError::InvalidToken)
-        ));
-        let bearer = Bearer::new(Some("s3cret")).unwrap();
-        assert_eq!(format!("{bearer:?}"), "Bearer(\"<token>\")");
-        assert!(Bearer::new(Some("")).unwrap().0.is_none());
+    #[tokio::test]
+    async fn a_token_a_header_cannot_carry_is_refused_up_front() {
+        let channel = Endpoint::from_static("http://127.0.0.1:9").connect_lazy();
+        let refused = TrainerClient::from_channel(channel, Some("bad\ntoken".into()));
+        assert!(matches!(refused, Err(TrainerError::InvalidToken)));
     }
 
     /// What a fake gateway answers, and what it was sent.

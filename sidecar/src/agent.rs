@@ -18,6 +18,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use lifl_proto::bearer::Bearer;
 use lifl_proto::v1::node_assignment::Kind;
 use lifl_proto::v1::node_service_client::NodeServiceClient;
 use lifl_proto::v1::{
@@ -61,8 +62,16 @@ pub async fn run(
     launcher: Arc<dyn Launcher>,
     shutdown: CancellationToken,
 ) {
+    let bearer = match Bearer::new(config.token.as_deref()) {
+        Ok(bearer) => bearer,
+        Err(err) => {
+            tracing::error!(%err, "the admin token cannot be sent; not joining the control plane");
+            return;
+        }
+    };
     let mut agent = Agent {
         config,
+        bearer,
         gateway,
         launcher,
         jobs: HashMap::new(),
@@ -96,6 +105,7 @@ pub async fn run(
 #[derive(Debug)]
 struct Agent {
     config: AgentConfig,
+    bearer: Bearer,
     gateway: Arc<Gateway>,
     launcher: Arc<dyn Launcher>,
     /// Stops each job's aggregators.
@@ -176,7 +186,7 @@ impl Agent {
     }
 
     fn request<T>(&self, message: T) -> Request<T> {
-        authorized(message, self.config.token.as_deref())
+        self.bearer.request(message)
     }
 
     /// Opens the round on the gateway and starts its aggregators.
@@ -343,15 +353,6 @@ fn model_params(assignment: &RoundAssignment) -> Result<usize, String> {
         return Err("the model has no parameters".into());
     }
     Ok(params)
-}
-
-/// `message` with the bearer token, if any.
-pub fn authorized<T>(message: T, token: Option<&str>) -> Request<T> {
-    let mut request = Request::new(message);
-    if let Some(value) = token.and_then(|t| format!("Bearer {t}").parse().ok()) {
-        request.metadata_mut().insert("authorization", value);
-    }
-    request
 }
 
 fn unix_ms_now() -> u64 {

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use lifl_proto::bearer::Bearer;
 use lifl_proto::v1::gateway_service_client::GatewayServiceClient;
 use lifl_proto::v1::round_service_client::RoundServiceClient;
 use lifl_proto::v1::{
@@ -16,7 +17,7 @@ use lifl_proto::v1::{
 };
 use serde_json::json;
 use tonic::transport::Channel;
-use tonic::{Code, Request};
+use tonic::Code;
 
 /// Bytes per pushed chunk.
 const CHUNK_BYTES: usize = 1 << 20;
@@ -104,14 +105,6 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn authorized<T>(message: T, token: Option<&str>) -> Request<T> {
-    let mut request = Request::new(message);
-    if let Some(value) = token.and_then(|t| format!("Bearer {t}").parse().ok()) {
-        request.metadata_mut().insert("authorization", value);
-    }
-    request
-}
-
 async fn join(
     rounds: &mut RoundServiceClient<Channel>,
     args: &Args,
@@ -121,7 +114,7 @@ async fn join(
         trainer_id: args.trainer.clone(),
     };
     let reply = rounds
-        .join_round(authorized(request, args.token.as_deref()))
+        .join_round(Bearer::new(args.token.as_deref())?.request(request))
         .await
         .context("join the round")?;
     Ok(reply.into_inner())

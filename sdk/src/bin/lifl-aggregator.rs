@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Parser, ValueEnum};
+use lifl_proto::bearer::Bearer;
 use lifl_proto::v1::node_service_client::NodeServiceClient;
 use lifl_proto::v1::CompleteRoundRequest;
 use lifl_sdk::aggregator::{run_round, Mode, Role, RoundPlan};
@@ -139,6 +140,7 @@ async fn report_round(
 ) -> anyhow::Result<()> {
     let endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())
         .with_context(|| format!("control plane address {url}"))?;
+    let bearer = Bearer::new(token)?;
     let mut attempt = 0;
     loop {
         attempt += 1;
@@ -149,11 +151,7 @@ async fn report_round(
                     .await
                     .map_err(|e| tonic::Status::unavailable(format!("connect: {e}")))?,
             );
-            let mut call = tonic::Request::new(request.clone());
-            if let Some(value) = token.and_then(|t| format!("Bearer {t}").parse().ok()) {
-                call.metadata_mut().insert("authorization", value);
-            }
-            client.complete_round(call).await
+            client.complete_round(bearer.request(request.clone())).await
         }
         .await;
         match outcome {
