@@ -191,9 +191,10 @@ impl Endpoint {
         let (read, write) = TcpStream::from_std(socket)?.into_split();
 
         let (control, control_rx) = mpsc::unbounded_channel();
+        let give_back = control.downgrade();
         let shared = Arc::new(Shared { arena, control });
         let (notices_tx, notices) = mpsc::channel(MAX_QUEUED_NOTICES);
-        tokio::spawn(run_control(stream, control_rx, notices_tx));
+        tokio::spawn(run_control(stream, control_rx, give_back, notices_tx));
         let inbox = Inbox {
             socket: read,
             buf: vec![0u8; DESC_SIZE * 256].into_boxed_slice(),
@@ -451,11 +452,12 @@ fn parse_reply(line: &str) -> Result<Reply, SdkError> {
 async fn run_control(
     stream: UnixStream,
     mut outgoing: mpsc::UnboundedReceiver<Outgoing>,
+    give_back: mpsc::WeakUnboundedSender<Outgoing>,
     notices: mpsc::Sender<SdkError>,
 ) {
     let (read, mut write) = stream.into_split();
     let pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Reply>>>> = Arc::default();
-    let reader = tokio::spawn(route_replies(read, pending.clone(), notices));
+    let reader = tokio::spawn(route_replies(read, pending.clone(), give_back, notices));
 
     let mut out = String::new();
     let mut releases = Vec::new();
@@ -497,9 +499,13 @@ async fn run_control(
     reader.abort();
 }
 
+/// Routes each reply to its caller. A grant whose caller has gone (its
+/// future was dropped while it waited) is released at once, or it would stay
+/// allocated until the endpoint leaves.
 async fn route_replies(
     read: tokio::net::unix::OwnedReadHalf,
     pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Reply>>>>,
+    give_back: mpsc::WeakUnboundedSender<Outgoing>,
     notices: mpsc::Sender<SdkError>,
 ) {
     let mut lines = FramedRead::new(read, LinesCodec::new_with_max_length(MAX_LINE_BYTES));
@@ -532,7 +538,11 @@ async fn route_replies(
             .remove(&id);
         match answer {
             Some(answer) => {
-                let _ = answer.send(reply);
+                if let Err(Reply::Granted { grant, .. }) = answer.send(reply) {
+                    if let Some(control) = give_back.upgrade() {
+                        let _ = control.send(Outgoing::Release(grant.slot, grant.gen));
+                    }
+                }
             }
             None => {
                 let _ = notices.try_send(SdkError::Protocol(format!("unasked reply {reply:?}")));

@@ -13,16 +13,18 @@
 //! built yet. Such a round fails at its deadline. The control plane places
 //! whole trees on one node unless one node cannot hold them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lifl_proto::bearer::Bearer;
+use lifl_proto::v1::job_service_client::JobServiceClient;
 use lifl_proto::v1::node_assignment::Kind;
 use lifl_proto::v1::node_service_client::NodeServiceClient;
 use lifl_proto::v1::{
-    HeartbeatRequest, NodeCapacity, RegisterNodeRequest, RoundAssignment, WatchAssignmentsRequest,
+    GetJobRequest, HeartbeatRequest, JobState, NodeCapacity, RegisterNodeRequest, RoundAssignment,
+    WatchAssignmentsRequest,
 };
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -33,8 +35,18 @@ use crate::launcher::{AggregatorSpec, Launcher, Role};
 
 /// Wait before reconnecting to the control plane.
 const RECONNECT_EVERY: Duration = Duration::from_secs(1);
-/// Most of a round's time kept between one level's deadline and the next.
-const LEVEL_MARGIN: Duration = Duration::from_secs(2);
+/// Time each level of the tree is given past its children's deadline, so
+/// a child that reports at its deadline still reaches a waiting parent.
+/// Leaves stop at the round's deadline, as trainers are told; the top, at
+/// most two margins later, well inside the control plane's grace (30 s by
+/// default).
+const LEVEL_MARGIN: Duration = Duration::from_secs(1);
+/// Longest a call to the control plane, or its silence, may last.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most levels the control plane plans.
+const MAX_LEVELS: u32 = 3;
+/// How often an idle connection to the control plane is checked.
+const KEEPALIVE_EVERY: Duration = Duration::from_secs(20);
 
 /// Who the node is and where it reports.
 #[derive(Debug, Clone)]
@@ -75,15 +87,17 @@ pub async fn run(
         gateway,
         launcher,
         jobs: HashMap::new(),
+        launched: HashSet::new(),
         shutdown: shutdown.clone(),
     };
-    let mut said_unreachable = false;
+    // Each kind of failure is said once, not every second.
+    let mut last_failure = None;
     loop {
         match agent.session().await {
-            Ok(()) => {}
-            Err(status) if status.code() == Code::Unavailable && said_unreachable => {}
+            Ok(()) => last_failure = None,
+            Err(status) if last_failure == Some(status.code()) => {}
             Err(status) => {
-                said_unreachable = status.code() == Code::Unavailable;
+                last_failure = Some(status.code());
                 tracing::warn!(
                     control_plane = %agent.config.control_plane,
                     code = ?status.code(),
@@ -110,6 +124,9 @@ struct Agent {
     launcher: Arc<dyn Launcher>,
     /// Stops each job's aggregators.
     jobs: HashMap<u32, CancellationToken>,
+    /// Rounds whose aggregators were started: a stream that starts over
+    /// repeats the open round, which must not start them twice.
+    launched: HashSet<(u32, u32)>,
     shutdown: CancellationToken,
 }
 
@@ -118,10 +135,14 @@ impl Agent {
     async fn session(&mut self) -> Result<(), Status> {
         let channel = Channel::from_shared(self.config.control_plane.clone())
             .map_err(|e| Status::invalid_argument(format!("control plane address: {e}")))?
+            .connect_timeout(CALL_TIMEOUT)
+            .http2_keep_alive_interval(KEEPALIVE_EVERY)
+            .keep_alive_timeout(CALL_TIMEOUT)
+            .keep_alive_while_idle(true)
             .connect()
             .await
             .map_err(|e| Status::unavailable(format!("connect: {e}")))?;
-        let mut client = NodeServiceClient::new(channel);
+        let mut client = NodeServiceClient::new(channel.clone());
         let registered = client
             .register_node(self.request(RegisterNodeRequest {
                 node_id: self.config.node_id.clone(),
@@ -150,6 +171,10 @@ impl Agent {
         ));
         let _stop_heartbeats = session.clone().drop_guard();
 
+        // Jobs that ended while the node was away get no JobEnded on the new
+        // stream: ask.
+        self.end_finished_jobs(&channel).await;
+
         let mut stream = client
             .watch_assignments(self.request(WatchAssignmentsRequest {
                 node_id: self.config.node_id.clone(),
@@ -168,13 +193,7 @@ impl Agent {
                     self.gateway
                         .admit(admitted.job_id, admitted.round, &admitted.trainers);
                 }
-                Some(Kind::JobEnded(ended)) => {
-                    tracing::info!(job = ended.job_id, "job ended");
-                    self.gateway.end_job(ended.job_id);
-                    if let Some(stop) = self.jobs.remove(&ended.job_id) {
-                        stop.cancel();
-                    }
-                }
+                Some(Kind::JobEnded(ended)) => self.end_job(ended.job_id),
                 None => {}
             }
         }
@@ -182,6 +201,39 @@ impl Agent {
         match heartbeats.await {
             Ok(Err(status)) => Err(status),
             _ => Ok(()),
+        }
+    }
+
+    /// Releases a job's gateway and stops its aggregators.
+    fn end_job(&mut self, job: u32) {
+        tracing::info!(job, "job ended");
+        self.gateway.end_job(job);
+        if let Some(stop) = self.jobs.remove(&job) {
+            stop.cancel();
+        }
+        self.launched.retain(|&(j, _)| j != job);
+    }
+
+    /// Ends every job this node holds that the control plane says has
+    /// ended (or no longer knows).
+    async fn end_finished_jobs(&mut self, channel: &Channel) {
+        let mut jobs = JobServiceClient::new(channel.clone());
+        let held: Vec<u32> = self.jobs.keys().copied().collect();
+        for job in held {
+            let read = jobs.get_job(self.request(GetJobRequest { job_id: job }));
+            let ended = match tokio::time::timeout(CALL_TIMEOUT, read).await {
+                Ok(Ok(found)) => JobState::try_from(found.into_inner().state).is_ok_and(|s| {
+                    matches!(
+                        s,
+                        JobState::Completed | JobState::Failed | JobState::Cancelled
+                    )
+                }),
+                Ok(Err(status)) => status.code() == Code::NotFound,
+                Err(_) => false,
+            };
+            if ended {
+                self.end_job(job);
+            }
         }
     }
 
@@ -211,7 +263,12 @@ impl Agent {
                 return;
             }
         };
-        self.gateway.begin_round(job, round);
+        self.gateway
+            .begin_round(job, round, assignment.deadline_unix_ms);
+        if !self.launched.insert((job, round)) {
+            tracing::debug!(job, round, "round already started on this node");
+            return;
+        }
         let stop = self
             .jobs
             .entry(job)
@@ -250,7 +307,10 @@ async fn heartbeat(
         }
         let mut beat = Request::new(message.clone());
         *beat.metadata_mut() = metadata.clone();
-        if let Err(status) = client.heartbeat(beat).await {
+        let beat = tokio::time::timeout(CALL_TIMEOUT, client.heartbeat(beat)).await;
+        if let Err(status) =
+            beat.unwrap_or_else(|_| Err(Status::unavailable("heartbeat timed out")))
+        {
             session.cancel();
             return Err(status);
         }
@@ -281,15 +341,17 @@ fn plan_round(
         other => return Err(format!("unknown aggregation mode `{other}`")),
     };
     let left = Duration::from_millis(assignment.deadline_unix_ms.saturating_sub(now_unix_ms));
-    let top_level = assignment
+    let levels = assignment
         .aggregators
         .iter()
         .map(|a| a.level)
         .max()
         .unwrap_or(1);
-    // Each level below the top gives up a margin, so a child that reports
-    // at its own deadline still reaches a parent that is waiting.
-    let margin = LEVEL_MARGIN.min(left / (top_level + 1));
+    if levels > MAX_LEVELS {
+        return Err(format!(
+            "a tree of {levels} levels; at most {MAX_LEVELS} are planned"
+        ));
+    }
     let aggregators = assignment
         .aggregators
         .iter()
@@ -301,7 +363,7 @@ fn plan_round(
             } else {
                 Role::Middle
             };
-            let below_top = top_level.saturating_sub(a.level);
+            let above_leaves = a.level.clamp(1, levels) - 1;
             AggregatorSpec {
                 job: assignment.job_id,
                 round: assignment.round,
@@ -314,7 +376,7 @@ fn plan_round(
                 // the deadline; the control plane checks the round's total
                 // against `min_trainers` when the top reports.
                 minimum: 1,
-                deadline: left.saturating_sub(margin * below_top),
+                deadline: left + LEVEL_MARGIN * above_leaves,
                 send_to: a.parent_endpoint_id,
                 report_to: (role == Role::Top).then(|| control_plane.to_owned()),
                 checkpoint_dir: (role == Role::Top).then(|| checkpoint_dir.to_owned()),
@@ -411,7 +473,10 @@ mod tests {
         assert_eq!(roles, [Role::Leaf, Role::Leaf, Role::Middle, Role::Top]);
         let top = &plan.aggregators[3];
         assert_eq!(top.report_to.as_deref(), Some("http://cp:7400"));
-        assert_eq!(top.deadline, Duration::from_secs(60));
+        // Leaves stop when trainers were told the round does; each level
+        // above gets a margin more.
+        assert_eq!(plan.aggregators[0].deadline, Duration::from_secs(60));
+        assert_eq!(top.deadline, Duration::from_secs(62));
         let (leaf, middle) = (&plan.aggregators[0], &plan.aggregators[2]);
         assert_eq!(leaf.send_to, 13);
         assert_eq!(leaf.expected, 4);
@@ -439,6 +504,12 @@ mod tests {
         assert!(plan_round(&f16, 0, "", "/".as_ref())
             .unwrap_err()
             .contains("only f32"));
+
+        let mut deep = assignment();
+        deep.aggregators[3].level = u32::MAX;
+        assert!(plan_round(&deep, 0, "", "/".as_ref())
+            .unwrap_err()
+            .contains("at most 3"));
 
         let mut huge = assignment();
         if let Some(model) = huge.model.as_mut() {

@@ -21,7 +21,7 @@
 //! nodes; until it does (or mints per-round push tickets), keep the gateway
 //! on a network only trainers reach.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -59,6 +59,9 @@ pub struct GatewayConfig {
     pub model_linger: Duration,
     /// How long an ended job's last model may take to arrive.
     pub end_grace: Duration,
+    /// Longest silence between two messages of a push before it is dropped
+    /// (and its buffer given back).
+    pub chunk_idle: Duration,
 }
 
 impl Default for GatewayConfig {
@@ -69,6 +72,7 @@ impl Default for GatewayConfig {
             fetch_wait: Duration::from_secs(30),
             model_linger: Duration::from_secs(600),
             end_grace: Duration::from_secs(5),
+            chunk_idle: Duration::from_secs(30),
         }
     }
 }
@@ -103,6 +107,10 @@ struct JobGate {
 #[derive(Debug, Default)]
 struct RoundGate {
     round: u32,
+    /// Updates of the round are taken until then; `None` before any round.
+    deadline: Option<tokio::time::Instant>,
+    /// Leaves seen registered this round: one missing now has finished.
+    leaves_seen: HashSet<u32>,
     /// Admitted trainers, to the leaf each was dealt.
     seats: HashMap<String, u32>,
     /// Trainers whose push is under way or was accepted.
@@ -231,24 +239,27 @@ impl Gateway {
         if let Some(existing) = raced {
             return Ok(existing);
         }
-        tokio::spawn(receive_models(gate));
+        tokio::spawn(receive_models(Arc::downgrade(self), gate));
         self.opened.notify_waiters();
         tracing::info!(job, endpoint = id, params, "gateway open for job");
         Ok(id)
     }
 
-    /// The job moved to `round` on this node: pushes for earlier rounds are
-    /// stale from now on.
-    pub fn begin_round(&self, job: u32, round: u32) {
+    /// The job moved to `round` on this node, whose updates are taken until
+    /// `deadline_unix_ms`: pushes for earlier rounds are stale from now on.
+    pub fn begin_round(&self, job: u32, round: u32, deadline_unix_ms: u64) {
         let Some(gate) = self.gate(job) else { return };
         {
             let mut state = gate.state();
             if round <= state.round {
                 return;
             }
+            let left = deadline_unix_ms.saturating_sub(unix_ms_now());
             state.round = round;
+            state.deadline = Some(tokio::time::Instant::now() + Duration::from_millis(left));
             state.seats.clear();
             state.uploads.clear();
+            state.leaves_seen.clear();
         }
         gate.changed.notify_waiters();
     }
@@ -369,10 +380,26 @@ impl Gateway {
         }
     }
 
-    /// Waits until the leaf aggregator has registered with the node.
-    async fn leaf_ready(&self, leaf: u32) -> Result<(), Status> {
+    /// Waits until the leaf aggregator has registered with the node; a leaf
+    /// that was up this round and is gone has finished its round.
+    async fn leaf_ready(&self, gate: &JobGate, claim: &Claim) -> Result<(), Status> {
+        let leaf = claim.leaf;
         let deadline = tokio::time::Instant::now() + self.config.leaf_wait;
-        while !self.node.has_endpoint(leaf) {
+        loop {
+            let up = self.node.has_endpoint(leaf);
+            {
+                let mut state = gate.state();
+                if up {
+                    state.leaves_seen.insert(leaf);
+                    return Ok(());
+                }
+                if state.leaves_seen.contains(&leaf) {
+                    return Err(Status::failed_precondition(format!(
+                        "leaf aggregator {leaf} already finished round {}",
+                        claim.round
+                    )));
+                }
+            }
             if tokio::time::Instant::now() >= deadline {
                 return Err(Status::unavailable(format!(
                     "leaf aggregator {leaf} did not come up within {:?}",
@@ -381,8 +408,98 @@ impl Gateway {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        Ok(())
     }
+
+    /// Receives the update's chunks into an arena buffer, taken when the
+    /// first chunk arrives. Stops at the round's deadline, after
+    /// [`GatewayConfig::chunk_idle`] without a message, and as soon as the
+    /// round moves on or the job ends; dropping the buffer gives it back.
+    async fn receive_update(
+        &self,
+        gate: &JobGate,
+        claim: &Claim,
+        parts: &mut Streaming<PushUpdateRequest>,
+    ) -> Result<BufferMut, Status> {
+        let round_deadline = gate.state().deadline;
+        let mut buffer: Option<BufferMut> = None;
+        let mut written = 0usize;
+        loop {
+            let idle = tokio::time::Instant::now() + self.config.chunk_idle;
+            let until = round_deadline.map_or(idle, |d| d.min(idle));
+            let message = match tokio::time::timeout_at(until, parts.message()).await {
+                Ok(message) => message?,
+                Err(_) if until < idle => {
+                    return Err(Status::failed_precondition(format!(
+                        "round {} reached its deadline during the upload",
+                        claim.round
+                    )))
+                }
+                Err(_) => {
+                    return Err(Status::deadline_exceeded(format!(
+                        "no part of the update arrived for {:?}",
+                        self.config.chunk_idle
+                    )))
+                }
+            };
+            let Some(message) = message else { break };
+            let chunk = match message.part {
+                Some(push_update_request::Part::Chunk(chunk)) => chunk,
+                Some(push_update_request::Part::Header(_)) => {
+                    return Err(Status::invalid_argument("a push has exactly one header"))
+                }
+                None => continue,
+            };
+            still_current(gate, claim)?;
+            let buffer = match &mut buffer {
+                Some(buffer) => buffer,
+                None => buffer.insert(
+                    gate.endpoint
+                        .alloc(model_bytes(gate.params))
+                        .await
+                        .map_err(|err| alloc_status(&err))?,
+                ),
+            };
+            let values = buffer
+                .as_mut_f32()
+                .map_err(|err| Status::internal(err.to_string()))?;
+            written = write_chunk(values, written, &chunk)?;
+        }
+        match buffer {
+            Some(buffer) if written == gate.params => Ok(buffer),
+            _ => Err(Status::invalid_argument(format!(
+                "the update has {written} values; the model has {}",
+                gate.params
+            ))),
+        }
+    }
+}
+
+/// Refuses to go on with a push whose round has moved on, ended, or passed
+/// its deadline.
+fn still_current(gate: &JobGate, claim: &Claim) -> Result<(), Status> {
+    let state = gate.state();
+    if state.ended {
+        return Err(Status::failed_precondition(format!(
+            "job {} ended during the upload",
+            gate.job
+        )));
+    }
+    if state.round != claim.round {
+        return Err(Status::failed_precondition(format!(
+            "round {} ended during the upload",
+            claim.round
+        )));
+    }
+    if state
+        .deadline
+        .is_some_and(|d| tokio::time::Instant::now() >= d)
+    {
+        return Err(Status::failed_precondition(format!(
+            "round {} reached its deadline during the upload",
+            claim.round
+        )));
+    }
+    Ok(())
 }
 
 impl JobGate {
@@ -420,6 +537,14 @@ fn seat_for(state: &RoundGate, header: &UpdateHeader) -> Seat {
             state.round
         )));
     }
+    if state
+        .deadline
+        .is_some_and(|d| tokio::time::Instant::now() >= d)
+    {
+        return Seat::Refused(Status::failed_precondition(format!(
+            "round {round} stopped taking updates at its deadline"
+        )));
+    }
     match state.seats.get(trainer) {
         Some(&leaf) => Seat::Leaf(leaf),
         None => Seat::NotYet(Status::not_found(format!(
@@ -452,8 +577,10 @@ impl Drop for Claim {
     }
 }
 
-/// Receives the global models the job's top aggregators publish.
-async fn receive_models(gate: Arc<JobGate>) {
+/// Receives the global models the job's top aggregators publish. If the
+/// endpoint fails, the job's gate is dropped, so that the job's next round
+/// opens a fresh one instead of pushing into a dead socket.
+async fn receive_models(gateway: std::sync::Weak<Gateway>, gate: Arc<JobGate>) {
     loop {
         let received = tokio::select! {
             () = gate.stop.cancelled() => return,
@@ -468,8 +595,18 @@ async fn receive_models(gate: Arc<JobGate>) {
                 reason = reason.as_str(),
                 "an accepted update was refused on its way to the leaf"
             ),
+            Err(err @ SdkError::Protocol(_)) => {
+                tracing::warn!(job = gate.job, %err, "dropped a descriptor that could not be read");
+            }
             Err(err) => {
-                tracing::warn!(job = gate.job, %err, "gateway endpoint failed");
+                tracing::warn!(job = gate.job, %err, "gateway endpoint failed; closing the job's gate");
+                gate.stop.cancel();
+                if let Some(gateway) = gateway.upgrade() {
+                    let mut jobs = gateway.jobs();
+                    if jobs.get(&gate.job).is_some_and(|g| Arc::ptr_eq(g, &gate)) {
+                        jobs.remove(&gate.job);
+                    }
+                }
                 return;
             }
         }
@@ -521,6 +658,12 @@ async fn install_model(gate: &JobGate, update: Update) {
     gate.model.send_modify(|slot| slot.model = Some(model));
 }
 
+fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 fn model_bytes(params: usize) -> u64 {
     (params as u64).saturating_mul(4)
 }
@@ -560,41 +703,13 @@ impl GatewayService for GatewayServer {
             }
         };
         let (gate, mut claim) = self.gateway.claim(&header).await?;
-
-        let mut buffer = gate
-            .endpoint
-            .alloc(model_bytes(gate.params))
-            .await
-            .map_err(|err| alloc_status(&err))?;
-        let values = buffer
-            .as_mut_f32()
-            .map_err(|err| Status::internal(err.to_string()))?;
-        let mut written = 0usize;
-        while let Some(message) = parts.message().await? {
-            let chunk = match message.part {
-                Some(push_update_request::Part::Chunk(chunk)) => chunk,
-                Some(push_update_request::Part::Header(_)) => {
-                    return Err(Status::invalid_argument("a push has exactly one header"))
-                }
-                None => continue,
-            };
-            written = write_chunk(values, written, &chunk)?;
-        }
-        if written != values.len() {
-            return Err(Status::invalid_argument(format!(
-                "the update has {written} values; the model has {}",
-                values.len()
-            )));
-        }
-
+        let buffer = self
+            .gateway
+            .receive_update(&gate, &claim, &mut parts)
+            .await?;
         // The round may have moved on while the bytes arrived.
-        if gate.state().round != claim.round {
-            return Err(Status::failed_precondition(format!(
-                "round {} ended while the update was uploaded",
-                claim.round
-            )));
-        }
-        self.gateway.leaf_ready(claim.leaf).await?;
+        still_current(&gate, &claim)?;
+        self.gateway.leaf_ready(&gate, &claim).await?;
         let meta = UpdateMeta::update(claim.round, header.samples);
         gate.endpoint
             .send(claim.leaf, buffer, meta)

@@ -176,7 +176,12 @@ impl NodeSetup {
         let incoming = TcpListenerStream::new(self.gateway_listener);
         let stopped = shutdown.clone();
         let serve = tokio::spawn(async move {
+            // Keep-alives find trainers that vanished without a word, so
+            // their pushes end and give their buffers back.
             let served = tonic::transport::Server::builder()
+                .http2_keepalive_interval(Some(Duration::from_secs(20)))
+                .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+                .tcp_keepalive(Some(Duration::from_secs(60)))
                 .add_service(service)
                 .serve_with_incoming_shutdown(incoming, stopped.cancelled_owned())
                 .await;
