@@ -581,6 +581,47 @@ fn the_last_rounds_model_is_served_after_the_job_completes() {
     assert!(error < 1e-6, "{error:e} from the average");
 }
 
+/// Updates are taken until the round's deadline, the one trainers are
+/// told; a late push is refused and the round closes with what arrived in
+/// time.
+#[test]
+fn a_push_after_the_rounds_deadline_is_refused_and_the_round_closes_without_it() {
+    let platform = Platform::start(preferred_mode()).unwrap();
+    // A second round that never starts keeps the job from ending, which
+    // would refuse the late push for that reason instead.
+    let mut spec = job_spec("deadline", 1, "eager", 2, 2);
+    spec["min_trainers"] = json!(1);
+    spec["round_deadline_ms"] = json!(2_000);
+    let job = platform.create_job(&spec);
+
+    let (late, published) = platform.run(async {
+        let seats = join_all(&job, 2).await;
+        let gateway = job.client.gateway(&seats[0].gateway_address).unwrap();
+        let (values, samples) = update_of(0);
+        gateway
+            .push_update(&seats[0], &trainer_id(0), samples, &values)
+            .await
+            .unwrap();
+        let past = seats[1].deadline_unix_ms + 100;
+        tokio::time::sleep(lifl_sdk::trainer::time_until(past)).await;
+        let (values, samples) = update_of(1);
+        let late = gateway
+            .push_update(&seats[1], &trainer_id(1), samples, &values)
+            .await;
+        (late, fetch_round(&job, &seats[0], 1).await)
+    });
+
+    let (code, message) = refusal(late);
+    assert_eq!(code, "FailedPrecondition");
+    assert!(message.contains("deadline"), "{message}");
+    assert_eq!(published.record.updates_aggregated, 1);
+    let error = relative_error(&published.model.params, &flat_average(1));
+    assert!(
+        error < 1e-6,
+        "the model is trainer 0's update alone: {error:e}"
+    );
+}
+
 fn demo_job_trains_to_completion(mode: Mode) {
     let Some(platform) = Platform::start(mode) else {
         return;
