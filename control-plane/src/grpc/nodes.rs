@@ -207,8 +207,10 @@ impl AssignmentFeeder {
                 Ok(_) => true,
                 // Missed events: whatever is open now is what matters.
                 Err(broadcast::error::RecvError::Lagged(_)) => {
-                    let open = self.coordinator.current_work(&self.node_id).await;
-                    self.catch_up(open).await
+                    self.end_missed_jobs().await && {
+                        let open = self.coordinator.current_work(&self.node_id).await;
+                        self.catch_up(open).await
+                    }
                 }
                 Err(broadcast::error::RecvError::Closed) => false,
             };
@@ -216,6 +218,26 @@ impl AssignmentFeeder {
                 return;
             }
         }
+    }
+
+    /// After missed events: tells the node of every job it was given work
+    /// in that has ended since (its `StateChanged` may be among the missed).
+    async fn end_missed_jobs(&mut self) -> bool {
+        let mut jobs: Vec<u32> = self.sent_rounds.iter().map(|&(j, _)| j).collect();
+        jobs.sort_unstable();
+        jobs.dedup();
+        for job_id in jobs {
+            let Ok(job) = self.coordinator.job(job_id).await else {
+                continue;
+            };
+            if job.state.is_terminal() {
+                self.sent_rounds.retain(|&(j, _)| j != job_id);
+                if !send_or_stop(&self.tx, job_ended_to_pb(&job), &self.shutdown).await {
+                    return false;
+                }
+            }
+        }
+        true
     }
 
     /// Sends each open round's work unless already sent, then every seat on
@@ -338,5 +360,48 @@ mod tests {
         // As after a lag: the seats again, not the round.
         assert!(feeder.catch_up(coordinator.current_work("n1").await).await);
         assert_eq!(drain(&mut rx), [("admitted", 4096), ("admitted", 904)]);
+    }
+
+    #[tokio::test]
+    async fn after_missed_events_a_node_hears_of_its_jobs_that_ended() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let coordinator = Coordinator::open(store, CoordinatorConfig::default())
+            .await
+            .unwrap();
+        let node = Node {
+            id: "n1".to_owned(),
+            cores: 8,
+            arena_bytes: 1 << 30,
+            gateway_address: "n1:7500".to_owned(),
+            peer_address: "n1:7501".to_owned(),
+        };
+        coordinator.register_node(node).await.unwrap();
+        let (ended, _) = coordinator.create_job(&good_draft()).await.unwrap();
+        let (running, _) = coordinator.create_job(&good_draft()).await.unwrap();
+        for job in [ended.id, running.id] {
+            coordinator.join_round(job, "t0").await.unwrap();
+        }
+
+        let (tx, mut rx) = mpsc::channel(8);
+        let mut feeder = AssignmentFeeder {
+            node_id: "n1".to_owned(),
+            coordinator: Arc::clone(&coordinator),
+            tx,
+            shutdown: CancellationToken::new(),
+            sent_rounds: HashSet::new(),
+        };
+        assert!(feeder.catch_up(coordinator.current_work("n1").await).await);
+        assert_eq!(
+            drain(&mut rx),
+            [("round", 0), ("admitted", 1), ("round", 0), ("admitted", 1)]
+        );
+
+        // Cancelled while the feeder was not listening.
+        coordinator.cancel_job(ended.id).await.unwrap();
+        assert!(feeder.end_missed_jobs().await);
+        assert_eq!(drain(&mut rx), [("job_ended", 0)]);
+        // Said once.
+        assert!(feeder.end_missed_jobs().await);
+        assert_eq!(drain(&mut rx), []);
     }
 }
