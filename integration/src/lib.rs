@@ -805,3 +805,60 @@ pub fn relative_error(model: &[f32], reference: &[f64]) -> f64 {
 pub fn le_bytes(values: &[f32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
+
+/// The FedAvg fold's throughput on one core, folding `updates` updates of
+/// `params` values 1, 2, 4 and 8 per pass, beside a memcpy of the same
+/// bytes measured in the same run (best of `reps` each), as JSON:
+/// `{"memcpy_gbps", "fold": [{"updates_per_pass", "fold_gbps", "vs_memcpy"}]}`.
+pub fn measure_fold(params: usize, updates: usize, reps: usize) -> Value {
+    use std::hint::black_box;
+
+    let best_secs = |reps: usize, f: &mut dyn FnMut()| {
+        (0..reps.max(1))
+            .map(|_| {
+                let started = std::time::Instant::now();
+                f();
+                started.elapsed().as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min)
+    };
+    let updates: Vec<Vec<f32>> = (0..updates.max(1))
+        .map(|k| update_values(k as u64, params))
+        .collect();
+    let update_bytes = (params * 4) as f64;
+
+    // The baseline: copy one update's bytes into memory already touched,
+    // rotating over sources and targets of 64 MiB or more each, twice the
+    // last-level cache of these machines, so that the copy streams from
+    // memory to memory as the fold does.
+    let targets = (64usize << 20).div_ceil(params * 4).max(2);
+    let mut copies = vec![vec![0f32; params]; targets];
+    let mut which = 0;
+    let memcpy = best_secs(reps * 4, &mut || {
+        let target = &mut copies[which % targets];
+        target.copy_from_slice(black_box(&updates[which % updates.len()]));
+        black_box(target);
+        which += 1;
+    });
+    let memcpy_gbps = update_bytes / memcpy / 1e9;
+
+    let mut acc = lifl_sdk::fedavg::Accumulator::new(params);
+    let mut results = Vec::new();
+    for per_pass in [1usize, 2, 4, 8] {
+        let secs = best_secs(reps, &mut || {
+            acc.reset();
+            for chunk in updates.chunks(per_pass) {
+                let batch: Vec<(&[f32], u64)> = chunk.iter().map(|u| (u.as_slice(), 10)).collect();
+                acc.fold(&batch).expect("updates match the model");
+            }
+            black_box(&acc);
+        });
+        let fold_gbps = update_bytes * updates.len() as f64 / secs / 1e9;
+        results.push(serde_json::json!({
+            "updates_per_pass": per_pass,
+            "fold_gbps": fold_gbps,
+            "vs_memcpy": fold_gbps / memcpy_gbps,
+        }));
+    }
+    serde_json::json!({"memcpy_gbps": memcpy_gbps, "fold": results})
+}
