@@ -130,6 +130,7 @@ impl Launcher for ProcessLauncher {
             .env("LIFL_SIDECAR_SOCKET", &self.socket)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
             .kill_on_drop(true);
         match &self.admin_token {
             Some(token) => command.env("LIFL_ADMIN_TOKEN", token),
@@ -148,25 +149,20 @@ impl Launcher for ProcessLauncher {
             role = role.as_str(),
             "aggregator started"
         );
-        let stdout = child.stdout.take();
+        let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
         tokio::spawn(async move {
-            // Its last line says what it did.
+            // Its last line says what it did; the end of its error output,
+            // why it failed.
             let report = async {
-                let mut last = None;
-                if let Some(stdout) = stdout {
-                    let mut lines = BufReader::new(stdout).lines();
-                    while let Ok(Some(line)) = lines.next_line().await {
-                        last = Some(line);
-                    }
-                }
-                last
+                let (last, errors) = tokio::join!(last_lines(stdout, 1), last_lines(stderr, 6));
+                (last.into_iter().next(), errors)
             };
             tokio::select! {
                 () = stop.cancelled() => {
                     let _ = child.kill().await;
                     tracing::debug!(job, round, endpoint, "aggregator stopped");
                 }
-                (last, status) = async { (report.await, child.wait().await) } => {
+                ((last, errors), status) = async { (report.await, child.wait().await) } => {
                     match status {
                         Ok(status) if status.success() => tracing::info!(
                             job, round, endpoint, role = role.as_str(),
@@ -175,6 +171,7 @@ impl Launcher for ProcessLauncher {
                         ),
                         Ok(status) => tracing::warn!(
                             job, round, endpoint, role = role.as_str(), %status,
+                            stderr = errors.join(" | "),
                             "aggregator failed"
                         ),
                         Err(err) => tracing::warn!(job, endpoint, %err, "wait for aggregator"),
@@ -183,5 +180,65 @@ impl Launcher for ProcessLauncher {
             }
         });
         Ok(())
+    }
+}
+
+/// The last `keep` lines `output` writes before it closes (none if absent).
+async fn last_lines<R>(output: Option<R>, keep: usize) -> Vec<String>
+where
+    R: tokio::io::AsyncRead + Unpin,
+{
+    let mut last = std::collections::VecDeque::with_capacity(keep);
+    if let Some(output) = output {
+        let mut lines = BufReader::new(output).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if last.len() == keep {
+                last.pop_front();
+            }
+            last.push_back(line);
+        }
+    }
+    last.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn only_the_last_lines_are_kept() {
+        let output: &[u8] = b"one\ntwo\nthree\nfour\n";
+        assert_eq!(last_lines(Some(output), 2).await, ["three", "four"]);
+        assert_eq!(last_lines(Some(output), 9).await.len(), 4);
+        assert!(last_lines(None::<&[u8]>, 3).await.is_empty());
+    }
+
+    #[test]
+    fn a_top_is_told_where_to_report_and_checkpoint() {
+        let spec = AggregatorSpec {
+            job: 3,
+            round: 2,
+            endpoint: 14,
+            role: Role::Top,
+            mode: "lazy".into(),
+            params: 50,
+            expected: 2,
+            minimum: 1,
+            deadline: Duration::from_millis(61_500),
+            send_to: 4_294_967_295,
+            report_to: Some("http://cp:7400".into()),
+            checkpoint_dir: Some("/var/lib/lifl/checkpoints".into()),
+        };
+        let args = ProcessLauncher::args(&spec);
+        for expected in [
+            "--role=top",
+            "--mode=lazy",
+            "--deadline-ms=61500",
+            "--send-to=4294967295",
+            "--report-to=http://cp:7400",
+            "--checkpoint-dir=/var/lib/lifl/checkpoints",
+        ] {
+            assert!(args.iter().any(|a| a == expected), "{expected} in {args:?}");
+        }
     }
 }
