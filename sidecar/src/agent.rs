@@ -263,8 +263,9 @@ impl Agent {
                 return;
             }
         };
+        let time_left = assignment.deadline_unix_ms.saturating_sub(unix_ms_now());
         self.gateway
-            .begin_round(job, round, assignment.deadline_unix_ms);
+            .begin_round(job, round, Duration::from_millis(time_left));
         if !self.launched.insert((job, round)) {
             tracing::debug!(job, round, "round already started on this node");
             return;

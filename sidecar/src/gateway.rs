@@ -245,18 +245,17 @@ impl Gateway {
         Ok(id)
     }
 
-    /// The job moved to `round` on this node, whose updates are taken until
-    /// `deadline_unix_ms`: pushes for earlier rounds are stale from now on.
-    pub fn begin_round(&self, job: u32, round: u32, deadline_unix_ms: u64) {
+    /// The job moved to `round` on this node, whose updates are taken for
+    /// `time_left` more: pushes for earlier rounds are stale from now on.
+    pub fn begin_round(&self, job: u32, round: u32, time_left: Duration) {
         let Some(gate) = self.gate(job) else { return };
         {
             let mut state = gate.state();
             if round <= state.round {
                 return;
             }
-            let left = deadline_unix_ms.saturating_sub(unix_ms_now());
             state.round = round;
-            state.deadline = Some(tokio::time::Instant::now() + Duration::from_millis(left));
+            state.deadline = Some(tokio::time::Instant::now() + time_left);
             state.seats.clear();
             state.uploads.clear();
             state.leaves_seen.clear();
@@ -656,12 +655,6 @@ async fn install_model(gate: &JobGate, update: Update) {
         "serving a new global model"
     );
     gate.model.send_modify(|slot| slot.model = Some(model));
-}
-
-fn unix_ms_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn model_bytes(params: usize) -> u64 {
