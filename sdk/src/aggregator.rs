@@ -14,8 +14,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
-use sha2::{Digest, Sha256};
 
+use crate::checksum::sha256_hex;
 use crate::fedavg::{Accumulator, FoldError};
 use crate::{DescKind, Endpoint, SdkError, Update, UpdateMeta};
 
@@ -267,7 +267,7 @@ async fn publish(
 ) -> Result<RoundOutcome, AggregatorError> {
     let mut result = endpoint.alloc((plan.params * 4) as u64).await?;
     let samples = acc.write_mean(result.as_mut_f32()?)?;
-    let sha256 = hex(&Sha256::digest(result.as_bytes()));
+    let sha256 = sha256_hex(result.as_bytes());
 
     let checkpoint = match (&plan.checkpoint_dir, plan.role) {
         (Some(dir), Role::Top) => Some(write_checkpoint(
@@ -335,10 +335,6 @@ fn write_checkpoint(
 fn thread_cpu_time() -> Duration {
     use nix::time::{clock_gettime, ClockId};
     clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID).map_or(Duration::ZERO, Duration::from)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

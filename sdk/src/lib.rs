@@ -48,6 +48,7 @@
 
 pub mod aggregator;
 mod buffer;
+pub mod checksum;
 mod endpoint;
 mod error;
 pub mod fedavg;

@@ -49,6 +49,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
+use crate::checksum::to_hex;
 use crate::error::Fault;
 
 pub use lifl_proto::v1::{Job, JobState, ModelLayout, PushUpdateResponse, TrainerAssignment};
@@ -830,7 +831,7 @@ impl ModelDownload {
                 found: self.received_bytes,
             });
         }
-        let found = hex(&self.hasher.finalize());
+        let found = to_hex(&self.hasher.finalize());
         if found != self.expected_sha256 {
             return Err(TrainerError::ChecksumMismatch {
                 expected: self.expected_sha256,
@@ -845,10 +846,6 @@ impl ModelDownload {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use std::pin::Pin;
@@ -861,13 +858,10 @@ mod tests {
     use tonic::{Request, Response, Streaming};
 
     use super::*;
+    use crate::checksum::sha256_hex;
 
     fn le_bytes(values: &[f32]) -> Vec<u8> {
         values.iter().flat_map(|v| v.to_le_bytes()).collect()
-    }
-
-    fn sha256_hex(bytes: &[u8]) -> String {
-        hex(&Sha256::digest(bytes))
     }
 
     fn header(version: u32, bytes: &[u8]) -> pb::ModelHeader {

@@ -33,8 +33,8 @@ use lifl_proto::v1::{
     fetch_model_response, push_update_request, FetchModelRequest, FetchModelResponse, ModelHeader,
     PushUpdateRequest, PushUpdateResponse, TrainerSeat, UpdateHeader,
 };
+use lifl_sdk::checksum::sha256_hex;
 use lifl_sdk::{BufferMut, DescKind, Endpoint, Registration, SdkError, Update, UpdateMeta};
-use sha2::{Digest, Sha256};
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
@@ -124,7 +124,8 @@ enum Upload {
     Accepted,
 }
 
-/// What fetchers see: the newest model, and whether the job ended.
+/// What fetchers see: the newest model, and whether a newer one can still
+/// come (set a little after the job ends; see [`Gateway::end_job`]).
 #[derive(Debug, Clone, Default)]
 struct ModelSlot {
     model: Option<Arc<GlobalModel>>,
@@ -153,6 +154,20 @@ impl ModelBuffer {
             Self::Initial(buffer) => buffer.as_bytes(),
             Self::Published(update) => update.as_bytes(),
         }
+    }
+}
+
+impl GlobalModel {
+    /// `buffer` as model `version`, its checksum taken off the async
+    /// runtime: a model may be tens of megabytes.
+    async fn hashed(version: u32, buffer: ModelBuffer) -> std::io::Result<Self> {
+        tokio::task::spawn_blocking(move || Self {
+            version,
+            sha256: sha256_hex(buffer.bytes()),
+            buffer,
+        })
+        .await
+        .map_err(std::io::Error::other)
     }
 }
 
@@ -206,12 +221,7 @@ impl Gateway {
         let endpoint = Endpoint::register(Registration::new(&self.socket, job, "gateway")).await?;
         let mut initial = endpoint.alloc(model_bytes(params)).await?;
         initial.as_mut_bytes().fill(0);
-        let sha256 = hex(&Sha256::digest(initial.as_bytes()));
-        let model = GlobalModel {
-            version: 0,
-            sha256,
-            buffer: ModelBuffer::Initial(initial),
-        };
+        let model = GlobalModel::hashed(0, ModelBuffer::Initial(initial)).await?;
         let (model, _) = watch::channel(ModelSlot {
             model: Some(Arc::new(model)),
             ended: false,
@@ -595,10 +605,18 @@ async fn receive_models(gateway: std::sync::Weak<Gateway>, gate: Arc<JobGate>) {
                 "an accepted update was refused on its way to the leaf"
             ),
             Err(err @ SdkError::Protocol(_)) => {
-                tracing::warn!(job = gate.job, %err, "dropped a descriptor that could not be read");
+                tracing::warn!(
+                    job = gate.job,
+                    %err,
+                    "dropped a descriptor that could not be read"
+                );
             }
             Err(err) => {
-                tracing::warn!(job = gate.job, %err, "gateway endpoint failed; closing the job's gate");
+                tracing::warn!(
+                    job = gate.job,
+                    %err,
+                    "gateway endpoint failed; closing the job's gate"
+                );
                 gate.stop.cancel();
                 if let Some(gateway) = gateway.upgrade() {
                     let mut jobs = gateway.jobs();
@@ -634,19 +652,10 @@ async fn install_model(gate: &JobGate, update: Update) {
         );
         return;
     }
-    let hashed = tokio::task::spawn_blocking(move || {
-        let sha256 = hex(&Sha256::digest(update.as_bytes()));
-        (update, sha256)
-    })
-    .await;
-    let Ok((update, sha256)) = hashed else {
+    let Ok(model) = GlobalModel::hashed(meta.round, ModelBuffer::Published(update)).await else {
         return;
     };
-    let model = Arc::new(GlobalModel {
-        version: meta.round,
-        sha256,
-        buffer: ModelBuffer::Published(update),
-    });
+    let model = Arc::new(model);
     tracing::info!(
         job = gate.job,
         version = model.version,
@@ -659,10 +668,6 @@ async fn install_model(gate: &JobGate, update: Update) {
 
 fn model_bytes(params: usize) -> u64 {
     (params as u64).saturating_mul(4)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Serves [`GatewayService`] for a [`Gateway`].
@@ -888,19 +893,23 @@ mod tests {
             trainer_id: trainer.into(),
             samples: 10,
         };
+        let refused = |state: &RoundGate, round, trainer: &str| match seat_for(
+            state,
+            &header(round, trainer),
+        ) {
+            Seat::Leaf(leaf) => panic!("seated at leaf {leaf}"),
+            Seat::Refused(status) => ("refused", status),
+            Seat::NotYet(status) => ("not yet", status),
+        };
         assert!(matches!(seat_for(&state, &header(3, "t1")), Seat::Leaf(40)));
-        assert!(
-            matches!(seat_for(&state, &header(2, "t1")), Seat::Refused(s) if s.message().contains("stale"))
-        );
-        assert!(
-            matches!(seat_for(&state, &header(4, "t1")), Seat::NotYet(s) if s.message().contains("not started"))
-        );
-        assert!(
-            matches!(seat_for(&state, &header(3, "t9")), Seat::NotYet(s) if s.code() == tonic::Code::NotFound)
-        );
+        let (kind, status) = refused(&state, 2, "t1");
+        assert!(kind == "refused" && status.message().contains("stale"));
+        let (kind, status) = refused(&state, 4, "t1");
+        assert!(kind == "not yet" && status.message().contains("not started"));
+        let (kind, status) = refused(&state, 3, "t9");
+        assert!(kind == "not yet" && status.code() == tonic::Code::NotFound);
         state.ended = true;
-        assert!(
-            matches!(seat_for(&state, &header(3, "t1")), Seat::Refused(s) if s.message().contains("ended"))
-        );
+        let (kind, status) = refused(&state, 3, "t1");
+        assert!(kind == "refused" && status.message().contains("ended"));
     }
 }
