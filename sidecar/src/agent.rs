@@ -266,6 +266,9 @@ impl Agent {
         let time_left = assignment.deadline_unix_ms.saturating_sub(unix_ms_now());
         self.gateway
             .begin_round(job, round, Duration::from_millis(time_left));
+        // Earlier rounds of the job are done with; only a repeat of this
+        // one can still arrive.
+        self.launched.retain(|&(j, r)| j != job || r >= round);
         if !self.launched.insert((job, round)) {
             tracing::debug!(job, round, "round already started on this node");
             return;
@@ -280,7 +283,13 @@ impl Agent {
                 spec.send_to = gateway_endpoint;
             }
             if let Err(err) = self.launcher.launch(&spec, stop.clone()) {
-                tracing::error!(job, round, endpoint = spec.endpoint, err = %err, source = %err.source, "aggregator did not start");
+                tracing::error!(
+                    job,
+                    round,
+                    endpoint = spec.endpoint,
+                    source = %err.source,
+                    "aggregator did not start"
+                );
             }
         }
         tracing::info!(

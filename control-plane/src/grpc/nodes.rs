@@ -307,8 +307,8 @@ mod tests {
         kinds
     }
 
-    #[tokio::test]
-    async fn a_catch_up_sends_seats_in_messages_of_at_most_4096_and_the_round_only_once() {
+    /// A coordinator with one node, `n1`, online.
+    async fn coordinator_with_node_n1() -> Arc<Coordinator> {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
         let coordinator = Coordinator::open(store, CoordinatorConfig::default())
             .await
@@ -321,6 +321,30 @@ mod tests {
             peer_address: "n1:7501".to_owned(),
         };
         coordinator.register_node(node).await.unwrap();
+        coordinator
+    }
+
+    /// A feeder of `n1`'s stream that has sent nothing yet, and the stream.
+    fn feeder_of_n1(
+        coordinator: &Arc<Coordinator>,
+    ) -> (
+        AssignmentFeeder,
+        mpsc::Receiver<Result<pb::NodeAssignment, Status>>,
+    ) {
+        let (tx, rx) = mpsc::channel(8);
+        let feeder = AssignmentFeeder {
+            node_id: "n1".to_owned(),
+            coordinator: Arc::clone(coordinator),
+            tx,
+            shutdown: CancellationToken::new(),
+            sent_rounds: HashSet::new(),
+        };
+        (feeder, rx)
+    }
+
+    #[tokio::test]
+    async fn a_catch_up_sends_seats_in_messages_of_at_most_4096_and_the_round_only_once() {
+        let coordinator = coordinator_with_node_n1().await;
         let mut draft = good_draft();
         draft.trainers_per_round = 5000;
         draft.min_trainers = 1;
@@ -332,14 +356,7 @@ mod tests {
             leaves.push(joined.unwrap().leaf_endpoint_id);
         }
 
-        let (tx, mut rx) = mpsc::channel(8);
-        let mut feeder = AssignmentFeeder {
-            node_id: "n1".to_owned(),
-            coordinator: Arc::clone(&coordinator),
-            tx,
-            shutdown: CancellationToken::new(),
-            sent_rounds: HashSet::new(),
-        };
+        let (mut feeder, mut rx) = feeder_of_n1(&coordinator);
         let open = coordinator.current_work("n1").await;
         let mut seats: Vec<(String, u32)> = open[0]
             .seats
@@ -364,32 +381,14 @@ mod tests {
 
     #[tokio::test]
     async fn after_missed_events_a_node_hears_of_its_jobs_that_ended() {
-        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-        let coordinator = Coordinator::open(store, CoordinatorConfig::default())
-            .await
-            .unwrap();
-        let node = Node {
-            id: "n1".to_owned(),
-            cores: 8,
-            arena_bytes: 1 << 30,
-            gateway_address: "n1:7500".to_owned(),
-            peer_address: "n1:7501".to_owned(),
-        };
-        coordinator.register_node(node).await.unwrap();
+        let coordinator = coordinator_with_node_n1().await;
         let (ended, _) = coordinator.create_job(&good_draft()).await.unwrap();
         let (running, _) = coordinator.create_job(&good_draft()).await.unwrap();
         for job in [ended.id, running.id] {
             coordinator.join_round(job, "t0").await.unwrap();
         }
 
-        let (tx, mut rx) = mpsc::channel(8);
-        let mut feeder = AssignmentFeeder {
-            node_id: "n1".to_owned(),
-            coordinator: Arc::clone(&coordinator),
-            tx,
-            shutdown: CancellationToken::new(),
-            sent_rounds: HashSet::new(),
-        };
+        let (mut feeder, mut rx) = feeder_of_n1(&coordinator);
         assert!(feeder.catch_up(coordinator.current_work("n1").await).await);
         assert_eq!(
             drain(&mut rx),

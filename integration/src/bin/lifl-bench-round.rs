@@ -238,7 +238,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "rounds_per_job": args.rounds,
         "fold_alone": folds
             .iter()
-            .map(|(params, fold)| json!({"params": params, "memcpy_gbps": fold["memcpy_gbps"], "fold": fold["fold"]}))
+            .map(|(params, fold)| {
+                json!({"params": params, "memcpy_gbps": fold["memcpy_gbps"], "fold": fold["fold"]})
+            })
             .collect::<Vec<_>>(),
         "results": results,
         "aims": {

@@ -532,8 +532,8 @@ async fn collect(args: &Args, id: u32) -> anyhow::Result<Endpoint> {
     let meta = model.meta();
     emit(
         json!({"event": "model", "src": model.src(), "round": meta.round,
-                "kind": format!("{:?}", meta.kind), "samples": meta.samples, "updates": meta.updates,
-                "values": model.as_f32()?}),
+                "kind": format!("{:?}", meta.kind), "samples": meta.samples,
+                "updates": meta.updates, "values": model.as_f32()?}),
     );
     Ok(ep)
 }
