@@ -399,7 +399,7 @@ fn refused_pushes_get_their_status_and_leave_nothing_behind(mode: Mode) {
         format!("the update is longer than the model's {PARAMS} values")
     );
 
-    // (b) a value that is not a number, and zero samples.
+    // (b) a value that is not a number, and samples out of range.
     let (mut poisoned, samples) = update_of(1);
     poisoned[7] = f32::NAN;
     let (code, message) = refusal(push(1, "trainer-1", samples, &poisoned));
@@ -410,7 +410,11 @@ fn refused_pushes_get_their_status_and_leave_nothing_behind(mode: Mode) {
     );
     let (code, message) = refusal(push(1, "trainer-1", 0, &update_of(1).0));
     assert_eq!(code, "InvalidArgument", "{message}");
-    assert_eq!(message, "samples must be at least 1");
+    assert_eq!(message, "samples is 0; must be 1 to 4294967295");
+    // A weight past 2^32 would let one trainer overflow its leaf's total.
+    let (code, message) = refusal(push(1, "trainer-1", 1 << 32, &update_of(1).0));
+    assert_eq!(code, "InvalidArgument", "{message}");
+    assert_eq!(message, "samples is 4294967296; must be 1 to 4294967295");
 
     // (c) a trainer that never joined, using another's assignment.
     let (code, message) = refusal(push(2, "ghost", 50, &update_of(2).0));

@@ -156,25 +156,36 @@ pub async fn run_round(
     let mut fold = FoldTime::default();
     let mut held: Vec<Update> = Vec::new();
     let (mut children, mut refused, mut updates) = (0u32, 0u32, 0u32);
+    // Samples behind every result taken so far, folded or held.
+    let mut taken = 0u64;
 
     while children < plan.expected {
-        let first = tokio::select! {
-            update = endpoint.recv() => update?,
-            _ = tokio::time::sleep_until(plan.deadline.into()) => break,
-        };
-        // Take whatever else has already arrived, without waiting.
-        let mut batch = vec![first];
-        while batch.len() < FOLD_BATCH && children + (batch.len() as u32) < plan.expected {
+        // Past the deadline, what has already arrived still counts: take
+        // it without waiting, and stop once nothing more is there.
+        let first = if Instant::now() < plan.deadline {
+            tokio::select! {
+                biased;
+                update = endpoint.recv() => update,
+                _ = tokio::time::sleep_until(plan.deadline.into()) => continue,
+            }
+        } else {
             match endpoint.recv().now_or_never() {
-                Some(update) => batch.push(update?),
+                Some(update) => update,
                 None => break,
             }
+        };
+        let mut batch = Vec::with_capacity(FOLD_BATCH);
+        let mut next = Some(first);
+        while let Some(received) = next.take() {
+            match sort_received(plan, received, &mut taken)? {
+                Received::Take(update) => batch.push(update),
+                Received::Refuse => refused += 1,
+                Received::Ignore => {}
+            }
+            if batch.len() < FOLD_BATCH && children + (batch.len() as u32) < plan.expected {
+                next = endpoint.recv().now_or_never();
+            }
         }
-        batch.retain(|u| {
-            let ok = accepts(plan, u);
-            refused += u32::from(!ok);
-            ok
-        });
         children += batch.len() as u32;
         updates = batch
             .iter()
@@ -217,6 +228,42 @@ struct Counts {
 fn balanced_batch(held: usize) -> usize {
     let passes = held.div_ceil(FOLD_BATCH).max(1);
     held.div_ceil(passes).max(1)
+}
+
+/// What one `recv` brought an aggregator.
+enum Received {
+    /// A child's result for this round's fold.
+    Take(Update),
+    /// Something a child sent that does not belong in the fold: another
+    /// round or kind, a wrong length, samples that would overflow the
+    /// round's total, or a descriptor that could not be read.
+    Refuse,
+    /// Word of a descriptor this aggregator sent; it sends only once its
+    /// fold is done, so nothing here depends on it.
+    Ignore,
+}
+
+/// Sorts what `recv` returned; only a data path that stopped working ends
+/// the round. `taken` is the sample total of every result taken so far.
+fn sort_received(
+    plan: &RoundPlan,
+    received: Result<Update, SdkError>,
+    taken: &mut u64,
+) -> Result<Received, SdkError> {
+    let update = match received {
+        Ok(update) => update,
+        Err(SdkError::Protocol(_)) => return Ok(Received::Refuse),
+        Err(SdkError::Refused { .. }) => return Ok(Received::Ignore),
+        Err(err) => return Err(err),
+    };
+    let total = taken.checked_add(update.meta().samples);
+    match total {
+        Some(total) if accepts(plan, &update) => {
+            *taken = total;
+            Ok(Received::Take(update))
+        }
+        _ => Ok(Received::Refuse),
+    }
 }
 
 /// Whether a child's result belongs in this round's fold.

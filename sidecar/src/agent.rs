@@ -37,9 +37,9 @@ use crate::launcher::{AggregatorSpec, Launcher, Role};
 const RECONNECT_EVERY: Duration = Duration::from_secs(1);
 /// Time each level of the tree is given past its children's deadline, so
 /// a child that reports at its deadline still reaches a waiting parent.
-/// Leaves stop at the round's deadline, as trainers are told; the top, at
-/// most two margins later, well inside the control plane's grace (30 s by
-/// default).
+/// Leaves stop at the round's deadline, as trainers are told (plus
+/// [`LEAF_GRACE`]); the top, at most two margins later, well inside the
+/// control plane's grace (30 s by default).
 const LEVEL_MARGIN: Duration = Duration::from_secs(1);
 /// Longest a call to the control plane, or its silence, may last.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -47,6 +47,12 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_LEVELS: u32 = 3;
 /// How often an idle connection to the control plane is checked.
 const KEEPALIVE_EVERY: Duration = Duration::from_secs(20);
+/// How often the node asks whether the jobs it holds have ended.
+const HELD_JOBS_CHECK_EVERY: Duration = Duration::from_secs(30);
+/// Time a leaf keeps taking updates past the moment the gateway stops
+/// handing them over (the round's deadline), so that an update handed over
+/// at the deadline still finds its leaf.
+const LEAF_GRACE: Duration = Duration::from_millis(250);
 
 /// Who the node is and where it reports.
 #[derive(Debug, Clone)]
@@ -181,9 +187,17 @@ impl Agent {
             }))
             .await?
             .into_inner();
+        // The stream tells of a job's end only if it gave this node work in
+        // the job; a job held from an earlier session may end unheard.
+        let mut recheck = tokio::time::interval(HELD_JOBS_CHECK_EVERY);
+        recheck.reset();
         loop {
             let next = tokio::select! {
                 () = session.cancelled() => break,
+                _ = recheck.tick() => {
+                    self.end_finished_jobs(&channel).await;
+                    continue;
+                }
                 next = stream.message() => next?,
             };
             let Some(assignment) = next else { break };
@@ -373,7 +387,7 @@ fn plan_round(
             } else {
                 Role::Middle
             };
-            let above_leaves = a.level.clamp(1, levels) - 1;
+            let above_leaves = a.level.clamp(1, levels.max(1)) - 1;
             AggregatorSpec {
                 job: assignment.job_id,
                 round: assignment.round,
@@ -386,7 +400,7 @@ fn plan_round(
                 // the deadline; the control plane checks the round's total
                 // against `min_trainers` when the top reports.
                 minimum: 1,
-                deadline: left + LEVEL_MARGIN * above_leaves,
+                deadline: left + LEAF_GRACE + LEVEL_MARGIN * above_leaves,
                 send_to: a.parent_endpoint_id,
                 report_to: (role == Role::Top).then(|| control_plane.to_owned()),
                 checkpoint_dir: (role == Role::Top).then(|| checkpoint_dir.to_owned()),
@@ -483,10 +497,14 @@ mod tests {
         assert_eq!(roles, [Role::Leaf, Role::Leaf, Role::Middle, Role::Top]);
         let top = &plan.aggregators[3];
         assert_eq!(top.report_to.as_deref(), Some("http://cp:7400"));
-        // Leaves stop when trainers were told the round does; each level
-        // above gets a margin more.
-        assert_eq!(plan.aggregators[0].deadline, Duration::from_secs(60));
-        assert_eq!(top.deadline, Duration::from_secs(62));
+        // Leaves stop a moment after the gateway stops taking updates, when
+        // trainers were told the round does; each level above gets a
+        // margin more.
+        assert_eq!(
+            plan.aggregators[0].deadline,
+            Duration::from_secs(60) + LEAF_GRACE
+        );
+        assert_eq!(top.deadline, Duration::from_secs(62) + LEAF_GRACE);
         let (leaf, middle) = (&plan.aggregators[0], &plan.aggregators[2]);
         assert_eq!(leaf.send_to, 13);
         assert_eq!(leaf.expected, 4);
@@ -514,6 +532,12 @@ mod tests {
         assert!(plan_round(&f16, 0, "", "/".as_ref())
             .unwrap_err()
             .contains("only f32"));
+
+        let mut flat = assignment();
+        for aggregator in &mut flat.aggregators {
+            aggregator.level = 0;
+        }
+        assert!(plan_round(&flat, 0, "", "/".as_ref()).is_ok());
 
         let mut deep = assignment();
         deep.aggregators[3].level = u32::MAX;

@@ -27,7 +27,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use futures_util::{Stream, StreamExt};
+use futures_util::Stream;
 use lifl_proto::v1::gateway_service_server::GatewayService;
 use lifl_proto::v1::{
     fetch_model_response, push_update_request, FetchModelRequest, FetchModelResponse, ModelHeader,
@@ -43,6 +43,12 @@ use crate::node::Node;
 
 /// Bytes per chunk of a model download.
 const FETCH_CHUNK_BYTES: usize = 1 << 20;
+
+/// Most training samples one update may claim. With the control plane's cap
+/// of 1,000,000 trainers a round, a round's sample total stays below 2^52:
+/// it cannot overflow, and every weight and sum of weights is exact in the
+/// aggregators' `f64` arithmetic.
+pub const MAX_UPDATE_SAMPLES: u64 = u32::MAX as u64;
 
 /// Timing of the gateway's waits.
 #[derive(Debug, Clone)]
@@ -62,6 +68,10 @@ pub struct GatewayConfig {
     /// Longest silence between two messages of a push before it is dropped
     /// (and its buffer given back).
     pub chunk_idle: Duration,
+    /// Longest a model download may take, header to last byte. A reader
+    /// slower than that is cut off: it cannot keep an old model's buffer in
+    /// the arena by not reading.
+    pub fetch_transfer: Duration,
 }
 
 impl Default for GatewayConfig {
@@ -73,6 +83,7 @@ impl Default for GatewayConfig {
             model_linger: Duration::from_secs(600),
             end_grace: Duration::from_secs(5),
             chunk_idle: Duration::from_secs(30),
+            fetch_transfer: Duration::from_secs(300),
         }
     }
 }
@@ -336,8 +347,11 @@ impl Gateway {
     /// Checks the header, waiting briefly for the trainer's admission, and
     /// claims the trainer's one upload of the round.
     async fn claim(&self, header: &UpdateHeader) -> Result<(Arc<JobGate>, Claim), Status> {
-        if header.samples == 0 {
-            return Err(Status::invalid_argument("samples must be at least 1"));
+        if !(1..=MAX_UPDATE_SAMPLES).contains(&header.samples) {
+            return Err(Status::invalid_argument(format!(
+                "samples is {}; must be 1 to {MAX_UPDATE_SAMPLES}",
+                header.samples
+            )));
         }
         let deadline = tokio::time::Instant::now() + self.config.admission_wait;
         let gate = self.gate_by(header.job_id, deadline).await?;
@@ -349,17 +363,24 @@ impl Gateway {
                 match seat_for(&state, header) {
                     Seat::Leaf(leaf) => {
                         let trainer = header.trainer_id.clone();
-                        if let Some(upload) = state.uploads.get(&trainer) {
-                            return Err(Status::already_exists(match upload {
-                                Upload::Accepted => format!(
+                        match state.uploads.get(&trainer) {
+                            Some(Upload::Accepted) => {
+                                return Err(Status::already_exists(format!(
                                     "trainer {trainer} already pushed its update for round {}",
                                     header.round
-                                ),
-                                Upload::InFlight => format!(
-                                    "trainer {trainer} is already pushing its update for round {}",
+                                )))
+                            }
+                            // Retryable: the other upload may yet fail (a
+                            // trainer retrying after a dropped connection
+                            // races the gateway noticing the drop).
+                            Some(Upload::InFlight) => {
+                                return Err(Status::aborted(format!(
+                                    "trainer {trainer} is already pushing its update for round \
+                                     {}; retry once that upload ends",
                                     header.round
-                                ),
-                            }));
+                                )))
+                            }
+                            None => {}
                         }
                         state.uploads.insert(trainer, Upload::InFlight);
                         Some(leaf)
@@ -700,30 +721,29 @@ impl GatewayService for GatewayServer {
                 ))
             }
         };
-        let (gate, mut claim) = self.gateway.claim(&header).await?;
+        let (gate, claim) = self.gateway.claim(&header).await?;
         let buffer = self
             .gateway
             .receive_update(&gate, &claim, &mut parts)
             .await?;
-        // The round may have moved on while the bytes arrived.
-        still_current(&gate, &claim)?;
         self.gateway.leaf_ready(&gate, &claim).await?;
-        let meta = UpdateMeta::update(claim.round, header.samples);
-        gate.endpoint
-            .send(claim.leaf, buffer, meta)
+        let leaf = claim.leaf;
+        // In a task of its own, so that a trainer hanging up now cannot
+        // part the hand-over from the claim's acceptance: a descriptor that
+        // left is always recorded as this trainer's one update.
+        tokio::spawn(hand_over(claim, buffer, header.samples))
             .await
-            .map_err(|err| Status::unavailable(format!("hand the update to its leaf: {err}")))?;
-        claim.accepted = true;
+            .map_err(|err| Status::internal(format!("hand the update to its leaf: {err}")))??;
         tracing::debug!(
             job = gate.job,
-            round = claim.round,
-            trainer = %claim.trainer,
-            leaf = claim.leaf,
+            round = header.round,
+            trainer = %header.trainer_id,
+            leaf,
             "update accepted"
         );
         Ok(Response::new(PushUpdateResponse {
             bytes: model_bytes(gate.params),
-            leaf_endpoint_id: claim.leaf,
+            leaf_endpoint_id: leaf,
         }))
     }
 
@@ -764,8 +784,25 @@ impl GatewayService for GatewayServer {
                 request.job_id
             ))
         })?;
-        Ok(Response::new(model_stream(gate.job, model)))
+        let transfer = self.gateway.config.fetch_transfer;
+        Ok(Response::new(model_stream(gate.job, model, transfer)))
     }
+}
+
+/// Sends a received update to its leaf and marks the trainer's upload
+/// accepted, if its round is still the current one: it may have moved on
+/// while the bytes arrived or the leaf came up.
+async fn hand_over(mut claim: Claim, buffer: BufferMut, samples: u64) -> Result<(), Status> {
+    still_current(&claim.gate, &claim)?;
+    let meta = UpdateMeta::update(claim.round, samples);
+    claim
+        .gate
+        .endpoint
+        .send(claim.leaf, buffer, meta)
+        .await
+        .map_err(|err| Status::unavailable(format!("hand the update to its leaf: {err}")))?;
+    claim.accepted = true;
+    Ok(())
 }
 
 /// Copies one chunk of little-endian f32 values into `values` at `at`,
@@ -814,29 +851,49 @@ fn alloc_status(err: &SdkError) -> Status {
     }
 }
 
-/// A header, then the model's bytes in chunks, read from the shared buffer.
-fn model_stream(job: u32, model: Arc<GlobalModel>) -> ModelStream {
-    let header = FetchModelResponse {
-        part: Some(fetch_model_response::Part::Header(ModelHeader {
-            job_id: job,
-            version: model.version,
-            bytes: model.buffer.bytes().len() as u64,
-            sha256: model.sha256.clone(),
-        })),
-    };
-    let chunks = futures_util::stream::unfold(0usize, move |at| {
-        let model = Arc::clone(&model);
-        async move {
-            let bytes = model.buffer.bytes();
-            let end = bytes.len().min(at.saturating_add(FETCH_CHUNK_BYTES));
-            let chunk = bytes.get(at..end).filter(|c| !c.is_empty())?.to_vec();
-            let message = FetchModelResponse {
-                part: Some(fetch_model_response::Part::Chunk(chunk)),
-            };
-            Some((Ok(message), end))
+/// A header, then the model's bytes in chunks, read from the shared buffer
+/// by a task that holds it for at most `transfer`: a reader that stops
+/// reading holds a copy of two chunks, not the arena buffer.
+fn model_stream(job: u32, model: Arc<GlobalModel>, transfer: Duration) -> ModelStream {
+    let (tx, rx) = tokio::sync::mpsc::channel(3);
+    tokio::spawn(async move {
+        let cut_off = tokio::time::Instant::now() + transfer;
+        // One place in the queue is kept for the status that ends a
+        // download cut off, so that the reader learns why.
+        let Ok(last_word) = tx.clone().reserve_owned().await else {
+            return;
+        };
+        let header = FetchModelResponse {
+            part: Some(fetch_model_response::Part::Header(ModelHeader {
+                job_id: job,
+                version: model.version,
+                bytes: model.buffer.bytes().len() as u64,
+                sha256: model.sha256.clone(),
+            })),
+        };
+        let chunks =
+            model
+                .buffer
+                .bytes()
+                .chunks(FETCH_CHUNK_BYTES)
+                .map(|chunk| FetchModelResponse {
+                    part: Some(fetch_model_response::Part::Chunk(chunk.to_vec())),
+                });
+        for message in std::iter::once(header).chain(chunks) {
+            match tokio::time::timeout_at(cut_off, tx.send(Ok(message))).await {
+                Ok(Ok(())) => {}
+                // The reader hung up.
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    last_word.send(Err(Status::deadline_exceeded(format!(
+                        "the download took longer than {transfer:?}; fetch again"
+                    ))));
+                    return;
+                }
+            }
         }
     });
-    Box::pin(futures_util::stream::once(async { Ok(header) }).chain(chunks))
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
 #[cfg(test)]

@@ -130,6 +130,9 @@ fn append_line(path: &std::path::Path, line: &str) -> std::io::Result<()> {
 
 /// Attempts at reporting a round while the control plane is unreachable.
 const REPORT_ATTEMPTS: u32 = 10;
+/// Longest one attempt may take, connecting or waiting for the answer: a
+/// control plane that accepts and then stalls must not keep the top alive.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Tells the control plane the round produced its model; retried while the
 /// control plane is unreachable.
@@ -139,7 +142,9 @@ async fn report_round(
     request: CompleteRoundRequest,
 ) -> anyhow::Result<()> {
     let endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())
-        .with_context(|| format!("control plane address {url}"))?;
+        .with_context(|| format!("control plane address {url}"))?
+        .connect_timeout(REPORT_TIMEOUT)
+        .timeout(REPORT_TIMEOUT);
     let bearer = Bearer::new(token)?;
     let mut attempt = 0;
     loop {
@@ -157,7 +162,12 @@ async fn report_round(
         match outcome {
             Ok(_) => return Ok(()),
             Err(status)
-                if status.code() == tonic::Code::Unavailable && attempt < REPORT_ATTEMPTS =>
+                if matches!(
+                    status.code(),
+                    tonic::Code::Unavailable
+                        | tonic::Code::Cancelled
+                        | tonic::Code::DeadlineExceeded
+                ) && attempt < REPORT_ATTEMPTS =>
             {
                 tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
             }

@@ -540,6 +540,7 @@ async fn push_with_retry(
     update: &[f32],
 ) -> Result<(), TrainerError> {
     let mut pause = PUSH_RETRY_START;
+    let mut retried = false;
     loop {
         let err = match gateway
             .push_update(assignment, trainer_id, samples, update)
@@ -548,14 +549,20 @@ async fn push_with_retry(
             Ok(_) => return Ok(()),
             Err(err) => err,
         };
+        // An attempt that failed on the way back may have been taken: a
+        // retry told the update is in has nothing left to do.
+        if retried && err.code() == Some(Code::AlreadyExists) {
+            return Ok(());
+        }
         let transient = matches!(
             err.code(),
-            Some(Code::ResourceExhausted | Code::Unavailable)
+            Some(Code::ResourceExhausted | Code::Unavailable | Code::Aborted)
         );
         if !transient || time_until(assignment.deadline_unix_ms) <= pause {
             return Err(err);
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(PUSH_RETRY_MAX);
+        retried = true;
     }
 }
