@@ -19,7 +19,7 @@ use lifl_integration::{
     ControlPlaneProcess, Mode, SidecarProcess,
 };
 use lifl_proto::control::JobStats;
-use lifl_proto::v1::RoundRecord;
+use lifl_proto::v1::{PushUpdateRequest, RoundRecord};
 use lifl_sdk::trainer::{
     Gateway, GlobalModel, JobState, PushUpdateResponse, TrainerAssignment, TrainerClient,
     TrainerError,
@@ -60,16 +60,19 @@ impl Platform {
     /// an ended job's arena lingers on the node, and many tests run side by
     /// side.
     fn start(mode: Mode) -> Option<Self> {
-        Self::start_with(mode, "16MiB")
+        Self::start_with(mode, "16MiB", &[])
     }
 
-    /// The same with arenas of `arena_bytes` per job.
-    fn start_with(mode: Mode, arena_bytes: &str) -> Option<Self> {
+    /// The same with arenas of `arena_bytes` per job, and the sidecar given
+    /// `sidecar_args` too.
+    fn start_with(mode: Mode, arena_bytes: &str, sidecar_args: &[&str]) -> Option<Self> {
         if !mode.available() {
             return None;
         }
         let control_plane = ControlPlaneProcess::start().unwrap();
-        let sidecar = SidecarProcess::builder(mode)
+        let sidecar = sidecar_args
+            .iter()
+            .fold(SidecarProcess::builder(mode), |builder, arg| builder.arg(arg))
             .arena_bytes(arena_bytes)
             .node(&control_plane)
             .start()
@@ -354,6 +357,41 @@ fn gateway_credit(stats: &SidecarStats, job: u32) -> u64 {
         .unwrap()
 }
 
+/// Starts `trainer`'s push through a raw gRPC client: the header and one
+/// value, then nothing more until the returned sender is dropped, which
+/// ends the upload unfinished. The task yields the gateway's answer.
+fn start_unfinished_push(
+    platform: &Platform,
+    seat: &TrainerAssignment,
+    trainer: &str,
+) -> (
+    tokio::task::JoinHandle<Result<tonic::Response<PushUpdateResponse>, tonic::Status>>,
+    tokio::sync::mpsc::Sender<PushUpdateRequest>,
+) {
+    use lifl_proto::v1::gateway_service_client::GatewayServiceClient;
+    use lifl_proto::v1::{push_update_request::Part, UpdateHeader};
+
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let header = UpdateHeader {
+        job_id: seat.job_id,
+        round: seat.round,
+        trainer_id: trainer.to_owned(),
+        samples: 10,
+    };
+    for part in [Part::Header(header), Part::Chunk(le_bytes(&[0.5]))] {
+        let message = PushUpdateRequest { part: Some(part) };
+        tx.try_send(message).unwrap();
+    }
+    let address = format!("http://{}", seat.gateway_address);
+    let call = platform.runtime.spawn(async move {
+        let mut gateway = GatewayServiceClient::connect(address).await.unwrap();
+        gateway
+            .push_update(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    (call, tx)
+}
+
 fn refused_pushes_get_their_status_and_leave_nothing_behind(mode: Mode) {
     let Some(platform) = Platform::start(mode) else {
         return;
@@ -424,6 +462,32 @@ fn refused_pushes_get_their_status_and_leave_nothing_behind(mode: Mode) {
         "trainer ghost was not admitted to round 1 with a leaf on this node"
     );
 
+    // (d) while trainer-3's push is under way, a second one is told to
+    // retry; once the first ends unfinished, nothing of it is left.
+    let (first_push, unfinished) = start_unfinished_push(&platform, &seats[3], "trainer-3");
+    // The gateway takes the update's buffer with its first chunk.
+    let one_more = |s: &SidecarStats| {
+        arena_of(s, job.id).is_some_and(|a| {
+            let (buffers, refs, bytes) = arena_use(&a);
+            (buffers, refs) == (baseline.0 + 1, baseline.1 + 1) && bytes > baseline.2
+        })
+    };
+    let pushing = platform.sidecar.wait_for_stats(PATIENCE, one_more).unwrap();
+    assert!(one_more(&pushing), "{:?}", arena_of(&pushing, job.id));
+    let (code, message) = refusal(push(3, "trainer-3", 50, &update_of(3).0));
+    assert_eq!(code, "Aborted", "{message}");
+    assert_eq!(
+        message,
+        "trainer trainer-3 is already pushing its update for round 1; retry once that upload ends"
+    );
+    drop(unfinished);
+    let status = platform.run(first_push).unwrap().unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert_eq!(
+        status.message(),
+        format!("the update has 1 values; the model has {PARAMS}")
+    );
+
     // Nothing the refused pushes wrote stays in the arena.
     let after = platform
         .sidecar
@@ -439,7 +503,7 @@ fn refused_pushes_get_their_status_and_leave_nothing_behind(mode: Mode) {
     assert_eq!(gateway_credit(&after, job.id), baseline_credit);
 
     // Every admitted trainer pushes once (the refused ones too, now with
-    // their real update); (d) a second push of trainer-2 is a duplicate.
+    // their real update); (e) a second push of trainer-2 is a duplicate.
     for k in 0..ADMITTED - 1 {
         let (values, samples) = update_of(k);
         push(k as usize, &trainer_id(k), samples, &values).unwrap();
@@ -458,7 +522,7 @@ fn refused_pushes_get_their_status_and_leave_nothing_behind(mode: Mode) {
     let published = platform.run(fetch_round(&job, &seats[0], 1));
     assert_round_is_exact(&platform, job.id, &published, ADMITTED);
 
-    // (e) round 2 is open (trainer-0 joined and pushed for it); a push for
+    // (f) round 2 is open (trainer-0 joined and pushed for it); a push for
     // round 1 is stale.
     let (second, stale) = platform.run(async {
         let second = job.client.join(job.id, "trainer-0").await.unwrap();
@@ -551,7 +615,7 @@ fn every_hop_of_a_three_level_round_goes_through_the_kernel() {
 /// node hears that the job ended.
 #[test]
 fn the_last_rounds_model_is_served_after_the_job_completes() {
-    let platform = Platform::start_with(preferred_mode(), "64MiB").unwrap();
+    let platform = Platform::start_with(preferred_mode(), "64MiB", &[]).unwrap();
     const COUNT: u64 = 2;
     const BIG: usize = 1 << 20;
     let mut spec = job_spec("last-model", 2, "eager", 1, COUNT);
@@ -624,6 +688,61 @@ fn a_push_after_the_rounds_deadline_is_refused_and_the_round_closes_without_it()
         error < 1e-6,
         "the model is trainer 0's update alone: {error:e}"
     );
+}
+
+/// A reader that stops reading a model download is cut off once the
+/// gateway's transfer time is up, and told so, instead of holding the
+/// model's arena buffer for as long as it likes.
+#[test]
+fn a_download_that_stops_being_read_is_cut_off_with_deadline_exceeded() {
+    use lifl_proto::v1::gateway_service_client::GatewayServiceClient;
+    use lifl_proto::v1::{fetch_model_response::Part, FetchModelRequest};
+
+    let platform =
+        Platform::start_with(preferred_mode(), "64MiB", &["--fetch-transfer-secs", "1"]).unwrap();
+    // 16 MiB of model: more than HTTP/2's windows and the gateway's queue
+    // hold, so the download cannot finish unread.
+    const BIG: u64 = 4 << 20;
+    let mut spec = job_spec("stalled-reader", 1, "eager", 1, 1);
+    spec["model"] = json!({"tensors": [{"name": "w", "shape": [BIG], "dtype": "f32"}]});
+    let job = platform.create_job(&spec);
+
+    let (received, ended) = platform.run(async {
+        let seat = job.client.join(job.id, &trainer_id(0)).await.unwrap();
+        let address = format!("http://{}", seat.gateway_address);
+        let mut gateway = GatewayServiceClient::connect(address).await.unwrap();
+        let request = FetchModelRequest {
+            job_id: job.id,
+            min_version: 0,
+            wait_ms: PATIENCE.as_millis() as u64,
+        };
+        let mut download = gateway.fetch_model(request).await.unwrap().into_inner();
+        let header = download.message().await.unwrap().unwrap();
+        assert!(matches!(header.part, Some(Part::Header(h)) if h.bytes == 4 * BIG));
+
+        // The reader stalls past the transfer time: this wait is the
+        // scenario, not a guess at how long something takes.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let mut received = 0u64;
+        loop {
+            match download.message().await {
+                Ok(Some(message)) => match message.part {
+                    Some(Part::Chunk(chunk)) => received += chunk.len() as u64,
+                    other => panic!("unexpected part {other:?}"),
+                },
+                Ok(None) => return (received, None),
+                Err(status) => return (received, Some(status)),
+            }
+        }
+    });
+
+    let status = ended.expect("the download should end with a status, not complete");
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert_eq!(
+        status.message(),
+        "the download took longer than 1s; fetch again"
+    );
+    assert!(received < 4 * BIG, "received {received} bytes of {}", 4 * BIG);
 }
 
 fn demo_job_trains_to_completion(mode: Mode) {

@@ -120,6 +120,12 @@ pub struct Config {
     #[arg(long, env = "LIFL_SIDECAR_MODEL_LINGER_SECS", default_value_t = 600)]
     pub model_linger_secs: u64,
 
+    /// Seconds a model download may take from header to last byte; a slower
+    /// reader is cut off with DEADLINE_EXCEEDED, so that it cannot keep an
+    /// old model's buffer in the arena by not reading.
+    #[arg(long, env = "LIFL_SIDECAR_FETCH_TRANSFER_SECS", default_value_t = 300)]
+    pub fetch_transfer_secs: u64,
+
     /// Where top aggregators write each round's model checkpoint.
     #[arg(
         long,

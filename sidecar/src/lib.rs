@@ -168,6 +168,7 @@ impl NodeSetup {
     ) -> Vec<tokio::task::JoinHandle<()>> {
         let gateway_config = GatewayConfig {
             model_linger: Duration::from_secs(config.model_linger_secs),
+            fetch_transfer: Duration::from_secs(config.fetch_transfer_secs),
             ..GatewayConfig::default()
         };
         let gateway = Gateway::new(config.socket.clone(), node, gateway_config);
