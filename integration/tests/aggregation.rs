@@ -57,7 +57,9 @@ struct Round {
     routed_by_sidecar: u64,
 }
 
-fn run_round(mode: Mode, levels: u32, fold: &str) -> Round {
+/// Runs one round; with `poison`, the first leaf is also sent an update
+/// claiming nearly 2^64 samples before the honest ones, which it must refuse.
+fn run_round(mode: Mode, levels: u32, fold: &str, poison: bool) -> Round {
     let sidecar = SidecarProcess::builder(mode).start().unwrap();
     let checkpoint_dir = tempfile::tempdir().unwrap();
     // The top may run as an unprivileged user (the user-space path).
@@ -136,26 +138,21 @@ fn run_round(mode: Mode, levels: u32, fold: &str) -> Round {
         .map(u32::to_string)
         .collect::<Vec<_>>()
         .join(",");
-    let mut gateway = Peer::start(
-        &sidecar,
-        &[
-            "--job",
-            "4",
-            "push",
-            "--count",
-            &UPDATES.to_string(),
-            "--params",
-            &PARAMS.to_string(),
-            "--leaves",
-            &leaf_list,
-        ],
-    )
-    .unwrap();
+    let (count, params, poisoned) = (UPDATES.to_string(), PARAMS.to_string(), leaves[0]);
+    let poisoned = poisoned.to_string();
+    let mut args = vec![
+        "--job", "4", "push", "--count", &count, "--params", &params, "--leaves", &leaf_list,
+    ];
+    if poison {
+        args.extend(["--poison", &poisoned]);
+    }
+    let mut gateway = Peer::start(&sidecar, &args).unwrap();
     gateway.expect("done", PATIENCE).unwrap();
 
     for aggregator in &mut others {
         let done = aggregator.expect("done", PATIENCE).unwrap();
-        assert_eq!(done["refused"], 0, "{done}");
+        let refused = u64::from(poison && done["endpoint"] == leaves[0]);
+        assert_eq!(done["refused"], refused, "{done}");
     }
     let top_done = top.expect("done", PATIENCE).unwrap();
     let model = collector.expect("model", PATIENCE).unwrap();
@@ -189,9 +186,9 @@ fn relative_error(model: &[f32], reference: &[f64]) -> f64 {
     worst / scale
 }
 
-fn tree_equals_the_flat_weighted_average(mode: Mode, levels: u32) {
+fn tree_equals_the_flat_weighted_average(mode: Mode, levels: u32, poison: bool) {
     let (flat, total) = flat_average();
-    let round = run_round(mode, levels, "eager");
+    let round = run_round(mode, levels, "eager", poison);
 
     assert_eq!(round.samples, total, "every update's samples reach the top");
     assert_eq!(
@@ -224,7 +221,7 @@ fn tree_equals_the_flat_weighted_average(mode: Mode, levels: u32) {
 
     // Every hop (gateway to leaves, up the tree, top to collector) moved by
     // descriptor; as root, the kernel moved every one of them.
-    let hops = UPDATES + tree(levels).len() as u64 + 1;
+    let hops = UPDATES + u64::from(poison) + tree(levels).len() as u64 + 1;
     if mode == Mode::Kernel {
         assert_eq!(round.kernel_routed, hops, "hops through the kernel");
         assert_eq!(round.routed_by_sidecar, 0);
@@ -236,14 +233,14 @@ fn tree_equals_the_flat_weighted_average(mode: Mode, levels: u32) {
 #[test]
 fn two_level_tree_equals_the_flat_weighted_average() {
     if Mode::Kernel.available() {
-        tree_equals_the_flat_weighted_average(Mode::Kernel, 2);
+        tree_equals_the_flat_weighted_average(Mode::Kernel, 2, false);
     }
 }
 
 #[test]
 fn three_level_tree_equals_the_flat_weighted_average() {
     if Mode::Kernel.available() {
-        tree_equals_the_flat_weighted_average(Mode::Kernel, 3);
+        tree_equals_the_flat_weighted_average(Mode::Kernel, 3, false);
     }
 }
 
@@ -251,7 +248,21 @@ fn three_level_tree_equals_the_flat_weighted_average() {
 /// must still route what they wrote before it forgets them.
 #[test]
 fn three_level_tree_on_the_userspace_path_equals_the_flat_weighted_average() {
-    tree_equals_the_flat_weighted_average(Mode::Userspace, 3);
+    tree_equals_the_flat_weighted_average(Mode::Userspace, 3, false);
+}
+
+/// A gateway gone wrong sends a leaf, first, an update claiming nearly 2^64
+/// samples: taken, it would leave no room in the round's total for the
+/// honest updates after it. The leaf refuses it, and the round publishes
+/// exactly the average of the rest.
+#[test]
+fn an_update_claiming_impossible_samples_is_refused_and_the_rest_average_exactly() {
+    let mode = if Mode::Kernel.available() {
+        Mode::Kernel
+    } else {
+        Mode::Userspace
+    };
+    tree_equals_the_flat_weighted_average(mode, 2, true);
 }
 
 #[test]
@@ -261,8 +272,8 @@ fn eager_and_lazy_folds_publish_the_same_model() {
     } else {
         Mode::Userspace
     };
-    let eager = run_round(mode, 3, "eager");
-    let lazy = run_round(mode, 3, "lazy");
+    let eager = run_round(mode, 3, "eager", false);
+    let lazy = run_round(mode, 3, "lazy", false);
     let reference: Vec<f64> = eager.model.iter().map(|&v| f64::from(v)).collect();
     let error = relative_error(&lazy.model, &reference);
     assert!(error < 1e-6, "eager and lazy differ by {error:e}");

@@ -72,7 +72,9 @@ impl Platform {
         let control_plane = ControlPlaneProcess::start().unwrap();
         let sidecar = sidecar_args
             .iter()
-            .fold(SidecarProcess::builder(mode), |builder, arg| builder.arg(arg))
+            .fold(SidecarProcess::builder(mode), |builder, arg| {
+                builder.arg(arg)
+            })
             .arena_bytes(arena_bytes)
             .node(&control_plane)
             .start()
@@ -742,7 +744,11 @@ fn a_download_that_stops_being_read_is_cut_off_with_deadline_exceeded() {
         status.message(),
         "the download took longer than 1s; fetch again"
     );
-    assert!(received < 4 * BIG, "received {received} bytes of {}", 4 * BIG);
+    assert!(
+        received < 4 * BIG,
+        "received {received} bytes of {}",
+        4 * BIG
+    );
 }
 
 fn demo_job_trains_to_completion(mode: Mode) {

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use futures_util::FutureExt;
 
 use crate::checksum::sha256_hex;
-use crate::fedavg::{Accumulator, FoldError};
+use crate::fedavg::{Accumulator, FoldError, MAX_UPDATE_SAMPLES};
 use crate::{DescKind, Endpoint, SdkError, Update, UpdateMeta};
 
 /// Updates folded in one pass over the accumulator.
@@ -72,7 +72,8 @@ pub struct RoundPlan {
 pub struct RoundOutcome {
     /// Children whose results were folded.
     pub children: u32,
-    /// Children's results refused (wrong round, kind or length).
+    /// Children's results refused (wrong round, kind or length, or more
+    /// samples than their updates may claim).
     pub refused: u32,
     /// Samples behind the result.
     pub samples: u64,
@@ -235,8 +236,9 @@ enum Received {
     /// A child's result for this round's fold.
     Take(Update),
     /// Something a child sent that does not belong in the fold: another
-    /// round or kind, a wrong length, samples that would overflow the
-    /// round's total, or a descriptor that could not be read.
+    /// round or kind, a wrong length, more samples than its updates may
+    /// claim or than the round's total can hold, or a descriptor that
+    /// could not be read.
     Refuse,
     /// Word of a descriptor this aggregator sent; it sends only once its
     /// fold is done, so nothing here depends on it.
@@ -278,6 +280,7 @@ fn accepts(plan: &RoundPlan, update: &Update) -> bool {
         && meta.round == plan.round
         && meta.samples > 0
         && meta.updates > 0
+        && meta.samples <= u64::from(meta.updates) * MAX_UPDATE_SAMPLES
         && (meta.kind != DescKind::Update || meta.updates == 1)
         && update.len() == (plan.params * 4) as u64
 }

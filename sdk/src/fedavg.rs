@@ -15,6 +15,14 @@
 /// first-level cache while each update of the batch is added to it.
 const BLOCK: usize = 2048;
 
+/// Most training samples one update may claim. With the control plane's cap
+/// of 1,000,000 trainers a round, a round's sample total stays below 2^52:
+/// it cannot overflow, and every weight and sum of weights is exact in the
+/// aggregators' `f64` arithmetic. The gateway refuses a push that claims
+/// more, and an aggregator refuses a child whose total exceeds this times
+/// the updates beneath it.
+pub const MAX_UPDATE_SAMPLES: u64 = u32::MAX as u64;
+
 /// `acc[i] += weight * values[i]`, for slices of equal length.
 type AddScaled = fn(&mut [f64], &[f32], f64);
 

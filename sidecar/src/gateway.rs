@@ -34,6 +34,7 @@ use lifl_proto::v1::{
     PushUpdateRequest, PushUpdateResponse, TrainerSeat, UpdateHeader,
 };
 use lifl_sdk::checksum::sha256_hex;
+use lifl_sdk::fedavg::MAX_UPDATE_SAMPLES;
 use lifl_sdk::{BufferMut, DescKind, Endpoint, Registration, SdkError, Update, UpdateMeta};
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
@@ -43,12 +44,6 @@ use crate::node::Node;
 
 /// Bytes per chunk of a model download.
 const FETCH_CHUNK_BYTES: usize = 1 << 20;
-
-/// Most training samples one update may claim. With the control plane's cap
-/// of 1,000,000 trainers a round, a round's sample total stays below 2^52:
-/// it cannot overflow, and every weight and sum of weights is exact in the
-/// aggregators' `f64` arithmetic.
-pub const MAX_UPDATE_SAMPLES: u64 = u32::MAX as u64;
 
 /// Timing of the gateway's waits.
 #[derive(Debug, Clone)]

@@ -13,7 +13,7 @@ use lifl_integration::{
     emit, fill_payload, payload_matches, update_samples, update_values, LatencySummary,
 };
 use lifl_proto::descriptor::{DescKind, Descriptor, DESC_MAGIC, DESC_VERSION};
-use lifl_sdk::{Endpoint, Fault, Registration, SdkError, UpdateMeta};
+use lifl_sdk::{BufferMut, Endpoint, Fault, Registration, SdkError, UpdateMeta};
 use serde_json::json;
 
 #[derive(Debug, Parser)]
@@ -82,6 +82,11 @@ enum Scenario {
         leaves: Vec<u32>,
         #[arg(long, default_value_t = 1)]
         round: u32,
+        /// First send this leaf one more update that claims nearly 2^64
+        /// samples: a gateway gone wrong, which the leaf must refuse
+        /// rather than let it crowd out the honest updates.
+        #[arg(long)]
+        poison: Option<u32>,
     },
     /// Receive one model and print its values.
     Collect {
@@ -172,8 +177,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
             params,
             ref leaves,
             round,
+            poison,
         } => {
-            vec![push(&args, count, params, leaves, round).await?]
+            let pushes = Pushes {
+                count,
+                params,
+                leaves,
+                round,
+                poison,
+            };
+            vec![push(&args, &pushes).await?]
         }
         Scenario::Collect { endpoint } => vec![collect(&args, endpoint).await?],
         Scenario::Pong { endpoint } => vec![pong(&args, endpoint).await?],
@@ -503,26 +516,45 @@ async fn tcp_echo(addr: std::net::SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn push(
-    args: &Args,
+/// What the stand-in gateway sends.
+struct Pushes<'a> {
     count: u64,
     params: usize,
-    leaves: &[u32],
+    leaves: &'a [u32],
     round: u32,
-) -> anyhow::Result<Endpoint> {
+    poison: Option<u32>,
+}
+
+async fn push(args: &Args, pushes: &Pushes<'_>) -> anyhow::Result<Endpoint> {
+    let Pushes {
+        count,
+        params,
+        leaves,
+        round,
+        poison,
+    } = *pushes;
     anyhow::ensure!(!leaves.is_empty(), "no leaves to push to");
     let ep = register(args, args.job, "gateway", None).await?;
-    for k in 0..count {
-        let mut buffer = ep.alloc((params * 4) as u64).await?;
-        buffer
-            .as_mut_f32()?
-            .copy_from_slice(&update_values(k, params));
-        let meta = UpdateMeta::update(round, update_samples(k));
-        ep.send(leaves[(k % leaves.len() as u64) as usize], buffer, meta)
-            .await?;
+    if let Some(leaf) = poison {
+        let meta = UpdateMeta::update(round, u64::MAX - 1);
+        ep.send(leaf, filled(&ep, 0, params).await?, meta).await?;
     }
-    emit(json!({"event": "done", "pushed": count}));
+    for k in 0..count {
+        let meta = UpdateMeta::update(round, update_samples(k));
+        let leaf = leaves[(k % leaves.len() as u64) as usize];
+        ep.send(leaf, filled(&ep, k, params).await?, meta).await?;
+    }
+    emit(json!({"event": "done", "pushed": count, "poisoned": poison.is_some()}));
     Ok(ep)
+}
+
+/// A buffer holding update `k`'s values.
+async fn filled(ep: &Endpoint, k: u64, params: usize) -> anyhow::Result<BufferMut> {
+    let mut buffer = ep.alloc((params * 4) as u64).await?;
+    buffer
+        .as_mut_f32()?
+        .copy_from_slice(&update_values(k, params));
+    Ok(buffer)
 }
 
 async fn collect(args: &Args, id: u32) -> anyhow::Result<Endpoint> {
