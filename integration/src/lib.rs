@@ -54,6 +54,16 @@ impl Mode {
         false
     }
 
+    /// The kernel path where it can run, else the user-space one: for
+    /// scenarios whose point is not the data path.
+    pub fn preferred() -> Mode {
+        if Mode::Kernel.available() {
+            Mode::Kernel
+        } else {
+            Mode::Userspace
+        }
+    }
+
     /// The `dataplane` the sidecar must report in this mode.
     pub fn dataplane(self) -> &'static str {
         match self {

@@ -257,21 +257,12 @@ fn three_level_tree_on_the_userspace_path_equals_the_flat_weighted_average() {
 /// exactly the average of the rest.
 #[test]
 fn an_update_claiming_impossible_samples_is_refused_and_the_rest_average_exactly() {
-    let mode = if Mode::Kernel.available() {
-        Mode::Kernel
-    } else {
-        Mode::Userspace
-    };
-    tree_equals_the_flat_weighted_average(mode, 2, true);
+    tree_equals_the_flat_weighted_average(Mode::preferred(), 2, true);
 }
 
 #[test]
 fn eager_and_lazy_folds_publish_the_same_model() {
-    let mode = if Mode::Kernel.available() {
-        Mode::Kernel
-    } else {
-        Mode::Userspace
-    };
+    let mode = Mode::preferred();
     let eager = run_round(mode, 3, "eager", false);
     let lazy = run_round(mode, 3, "lazy", false);
     let reference: Vec<f64> = eager.model.iter().map(|&v| f64::from(v)).collect();

@@ -120,16 +120,6 @@ impl Platform {
     }
 }
 
-/// The kernel path where it can run, else the user-space one: for
-/// scenarios whose point is not the data path.
-fn preferred_mode() -> Mode {
-    if Mode::Kernel.available() {
-        Mode::Kernel
-    } else {
-        Mode::Userspace
-    }
-}
-
 fn arena_of(stats: &SidecarStats, job: u32) -> Option<JobStats> {
     stats.jobs.iter().find(|j| j.job == job).cloned()
 }
@@ -325,7 +315,7 @@ fn three_level_round_publishes_the_flat_weighted_average_on_the_userspace_path()
 /// given the same pushes.
 #[test]
 fn eager_and_lazy_jobs_publish_the_same_model() {
-    let platform = Platform::start(preferred_mode()).unwrap();
+    let platform = Platform::start(Mode::preferred()).unwrap();
     let eager = platform.create_job(&job_spec("eager", 3, "eager", 2, TRAINERS));
     let lazy = platform.create_job(&job_spec("lazy", 3, "lazy", 2, TRAINERS));
 
@@ -617,7 +607,7 @@ fn every_hop_of_a_three_level_round_goes_through_the_kernel() {
 /// node hears that the job ended.
 #[test]
 fn the_last_rounds_model_is_served_after_the_job_completes() {
-    let platform = Platform::start_with(preferred_mode(), "64MiB", &[]).unwrap();
+    let platform = Platform::start_with(Mode::preferred(), "64MiB", &[]).unwrap();
     const COUNT: u64 = 2;
     const BIG: usize = 1 << 20;
     let mut spec = job_spec("last-model", 2, "eager", 1, COUNT);
@@ -656,7 +646,7 @@ fn the_last_rounds_model_is_served_after_the_job_completes() {
 /// time.
 #[test]
 fn a_push_after_the_rounds_deadline_is_refused_and_the_round_closes_without_it() {
-    let platform = Platform::start(preferred_mode()).unwrap();
+    let platform = Platform::start(Mode::preferred()).unwrap();
     // A second round that never starts keeps the job from ending, which
     // would refuse the late push for that reason instead.
     let mut spec = job_spec("deadline", 1, "eager", 2, 2);
@@ -701,7 +691,7 @@ fn a_download_that_stops_being_read_is_cut_off_with_deadline_exceeded() {
     use lifl_proto::v1::{fetch_model_response::Part, FetchModelRequest};
 
     let platform =
-        Platform::start_with(preferred_mode(), "64MiB", &["--fetch-transfer-secs", "1"]).unwrap();
+        Platform::start_with(Mode::preferred(), "64MiB", &["--fetch-transfer-secs", "1"]).unwrap();
     // 16 MiB of model: more than HTTP/2's windows and the gateway's queue
     // hold, so the download cannot finish unread.
     const BIG: u64 = 4 << 20;

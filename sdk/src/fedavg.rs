@@ -6,14 +6,18 @@
 //! flat weighted average of every update beneath it: a parent folds its
 //! children's means weighted by their totals. The running sum is kept in
 //! `f64`, one value per parameter, so an aggregator's memory is bounded by
-//! the model's size whatever its number of children. The fold walks the
-//! model in cache-sized blocks and adds every update of a batch to a block
-//! before moving on, so folding several arrived updates costs one pass over
-//! the accumulator, not one pass per update.
+//! the model's size whatever its number of children. The fold reads every
+//! update of a batch side by side, adding each one's values to sums held in
+//! registers, so folding several arrived updates costs one pass over the
+//! accumulator, not one pass per update.
 
-/// Parameters per block: a block of the `f64` sum (16 KiB) stays in the
-/// first-level cache while each update of the batch is added to it.
-const BLOCK: usize = 2048;
+/// Parameters a step: their running sums stay in registers while every
+/// update of the batch is added to them, and each update is read as one
+/// unbroken stream, which the hardware prefetchers follow.
+const LANES: usize = 16;
+
+/// Updates read side by side in one pass; a longer batch takes more passes.
+const MAX_BATCH: usize = 8;
 
 /// Most training samples one update may claim. With the control plane's cap
 /// of 1,000,000 trainers a round, a round's sample total stays below 2^52:
@@ -23,36 +27,88 @@ const BLOCK: usize = 2048;
 /// the updates beneath it.
 pub const MAX_UPDATE_SAMPLES: u64 = u32::MAX as u64;
 
-/// `acc[i] += weight * values[i]`, for slices of equal length.
-type AddScaled = fn(&mut [f64], &[f32], f64);
+/// `acc[i] += weight * values[i]` for each `(values, weight)` of a batch in
+/// turn; every slice is as long as `acc`.
+type AddBatch = fn(&mut [f64], &[(&[f32], f64)]);
 
-#[inline]
+/// `acc[i] += weight * values[i]`, for slices of equal length: the fold of
+/// one update, to which [`add_batch`] is bit for bit equal.
+#[inline(always)]
 fn add_scaled(acc: &mut [f64], values: &[f32], weight: f64) {
     for (a, &x) in acc.iter_mut().zip(values) {
         *a += weight * f64::from(x);
     }
 }
 
-/// The same loop compiled for AVX2: four `f64` lanes a step instead of
-/// SSE2's two. Multiply and add stay separate operations (no FMA), so the
-/// sums are bit for bit those of [`add_scaled`] on any machine.
+/// Folds a batch in one pass over `acc`, at most [`MAX_BATCH`] updates at
+/// a time: [`LANES`] sums are loaded, every update's values for them are
+/// added in batch order, and the sums are stored back. Each sum sees the
+/// same additions in the same order as folding the updates one by one, so
+/// the result is the same to the bit.
+#[inline(always)]
+fn add_batch(acc: &mut [f64], batch: &[(&[f32], f64)]) {
+    for part in batch.chunks(MAX_BATCH) {
+        match part {
+            [(values, weight)] => add_scaled(acc, values, *weight),
+            [a, b] => add_fixed(acc, [a, b]),
+            [a, b, c] => add_fixed(acc, [a, b, c]),
+            [a, b, c, d] => add_fixed(acc, [a, b, c, d]),
+            [a, b, c, d, e] => add_fixed(acc, [a, b, c, d, e]),
+            [a, b, c, d, e, f] => add_fixed(acc, [a, b, c, d, e, f]),
+            [a, b, c, d, e, f, g] => add_fixed(acc, [a, b, c, d, e, f, g]),
+            [a, b, c, d, e, f, g, h] => add_fixed(acc, [a, b, c, d, e, f, g, h]),
+            // Reached only if MAX_BATCH grows past 8: one by one, the same sums.
+            longer => {
+                for (values, weight) in longer {
+                    add_scaled(acc, values, *weight);
+                }
+            }
+        }
+    }
+}
+
+/// [`add_batch`] for a batch of `K` updates, `K` known to the compiler so
+/// that the additions of one step are laid out in full.
+#[inline(always)]
+fn add_fixed<const K: usize>(acc: &mut [f64], batch: [&(&[f32], f64); K]) {
+    let whole = acc.len() - acc.len() % LANES;
+    let (body, tail) = acc.split_at_mut(whole);
+    for (step, lanes) in body.chunks_exact_mut(LANES).enumerate() {
+        let start = step * LANES;
+        let mut sums = [0.0f64; LANES];
+        sums.copy_from_slice(lanes);
+        for &&(values, weight) in &batch {
+            for (sum, &x) in sums.iter_mut().zip(&values[start..start + LANES]) {
+                *sum += weight * f64::from(x);
+            }
+        }
+        lanes.copy_from_slice(&sums);
+    }
+    for &&(values, weight) in &batch {
+        add_scaled(tail, &values[whole..], weight);
+    }
+}
+
+/// The same loop compiled for AVX2: four `f64` lanes an instruction
+/// instead of SSE2's two. Multiply and add stay separate operations (no
+/// FMA), so the sums are bit for bit those of [`add_batch`] on any machine.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn add_scaled_avx2(acc: &mut [f64], values: &[f32], weight: f64) {
-    add_scaled(acc, values, weight);
+fn add_batch_avx2(acc: &mut [f64], batch: &[(&[f32], f64)]) {
+    add_batch(acc, batch);
 }
 
 /// The widest kernel this CPU runs.
-fn add_scaled_kernel() -> AddScaled {
+fn add_batch_kernel() -> AddBatch {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
-        return |acc, values, weight| {
+        return |acc, batch| {
             // SAFETY: the CPU was just found to support AVX2, the only
-            // requirement `add_scaled_avx2` adds to a safe function.
-            unsafe { add_scaled_avx2(acc, values, weight) }
+            // requirement `add_batch_avx2` adds to a safe function.
+            unsafe { add_batch_avx2(acc, batch) }
         };
     }
-    add_scaled
+    add_batch
 }
 
 /// Why an update could not be folded or a mean taken.
@@ -134,13 +190,8 @@ impl Accumulator {
                 .ok_or(FoldError::SampleOverflow)?;
         }
 
-        let add_scaled = add_scaled_kernel();
-        for (block, acc) in self.sum.chunks_mut(BLOCK).enumerate() {
-            let start = block * BLOCK;
-            for &(values, weight) in batch {
-                add_scaled(acc, &values[start..start + acc.len()], weight as f64);
-            }
-        }
+        let weighted: Vec<(&[f32], f64)> = batch.iter().map(|&(v, w)| (v, w as f64)).collect();
+        add_batch_kernel()(&mut self.sum, &weighted);
         self.samples = samples;
         self.updates += batch.len() as u64;
         Ok(())
@@ -220,21 +271,48 @@ mod tests {
     }
 
     #[test]
-    fn the_widest_kernel_sums_bit_for_bit_as_the_plain_loop() {
-        let n = 3 * BLOCK + 17;
-        let values = values(11, n);
-        let (mut wide, mut plain) = (vec![0.25f64; n], vec![0.25f64; n]);
-        add_scaled_kernel()(&mut wide, &values, 37.0);
-        add_scaled(&mut plain, &values, 37.0);
-        assert!(wide
-            .iter()
-            .zip(&plain)
-            .all(|(a, b)| a.to_bits() == b.to_bits()));
+    fn a_batch_sums_bit_for_bit_as_folding_its_updates_one_by_one() {
+        // Not a whole number of steps, so the tail is folded too.
+        let n = 3 * LANES * 100 + 7;
+        let updates: Vec<Vec<f32>> = (0..9).map(|k| values(k + 11, n)).collect();
+        // Weights whose products round, so that the sums depend on the
+        // order of the additions.
+        let weights = [
+            0.1,
+            1.0 / 3.0,
+            4096.7,
+            3e-5,
+            1e9 + 0.3,
+            7.1,
+            2.9,
+            1.0 / 7.0,
+            5.5,
+        ];
+        // Every batch size the kernel lays out, and one past a pass.
+        for size in 1..=updates.len() {
+            let batch: Vec<(&[f32], f64)> = updates
+                .iter()
+                .zip(weights)
+                .take(size)
+                .map(|(v, w)| (v.as_slice(), w))
+                .collect();
+            let (mut wide, mut plain) = (vec![0.25f64; n], vec![0.25f64; n]);
+            add_batch_kernel()(&mut wide, &batch);
+            for &(values, weight) in &batch {
+                add_scaled(&mut plain, values, weight);
+            }
+            assert!(
+                wide.iter()
+                    .zip(&plain)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "a batch of {size}"
+            );
+        }
     }
 
     #[test]
     fn eager_and_lazy_folds_give_the_same_model() {
-        let n = 3 * BLOCK + 17;
+        let n = 3 * LANES * 100 + 17;
         let updates: Vec<(Vec<f32>, u64)> = (0..9).map(|k| (values(k, n), 100 + 37 * k)).collect();
 
         let mut eager = Accumulator::new(n);
@@ -250,7 +328,7 @@ mod tests {
 
     #[test]
     fn a_tree_of_averages_equals_the_flat_weighted_average() {
-        let n = BLOCK + 5;
+        let n = LANES * 100 + 5;
         let updates: Vec<(Vec<f32>, u64)> = (0..12)
             .map(|k| (values(k + 50, n), 1 + (k * k) % 7))
             .collect();
