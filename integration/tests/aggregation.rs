@@ -138,13 +138,13 @@ fn run_round(mode: Mode, levels: u32, fold: &str, poison: bool) -> Round {
         .map(u32::to_string)
         .collect::<Vec<_>>()
         .join(",");
-    let (count, params, poisoned) = (UPDATES.to_string(), PARAMS.to_string(), leaves[0]);
-    let poisoned = poisoned.to_string();
+    let (count, params) = (UPDATES.to_string(), PARAMS.to_string());
+    let first_leaf = leaves[0].to_string();
     let mut args = vec![
         "--job", "4", "push", "--count", &count, "--params", &params, "--leaves", &leaf_list,
     ];
     if poison {
-        args.extend(["--poison", &poisoned]);
+        args.extend(["--poison", &first_leaf]);
     }
     let mut gateway = Peer::start(&sidecar, &args).unwrap();
     gateway.expect("done", PATIENCE).unwrap();

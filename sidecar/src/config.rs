@@ -123,7 +123,12 @@ pub struct Config {
     /// Seconds a model download may take from header to last byte; a slower
     /// reader is cut off with DEADLINE_EXCEEDED, so that it cannot keep an
     /// old model's buffer in the arena by not reading.
-    #[arg(long, env = "LIFL_SIDECAR_FETCH_TRANSFER_SECS", default_value_t = 300)]
+    #[arg(
+        long,
+        env = "LIFL_SIDECAR_FETCH_TRANSFER_SECS",
+        default_value_t = 300,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
     pub fetch_transfer_secs: u64,
 
     /// Where top aggregators write each round's model checkpoint.
@@ -173,5 +178,15 @@ mod tests {
         assert!(parse_bytes("99999999999999GiB")
             .unwrap_err()
             .contains("too large"));
+    }
+
+    #[test]
+    fn a_download_gets_at_least_a_second() {
+        use clap::Parser;
+        let parse =
+            |secs: &str| Config::try_parse_from(["lifl-sidecar", "--fetch-transfer-secs", secs]);
+        assert_eq!(parse("1").unwrap().fetch_transfer_secs, 1);
+        let err = parse("0").unwrap_err().to_string();
+        assert!(err.contains("--fetch-transfer-secs"), "{err}");
     }
 }
