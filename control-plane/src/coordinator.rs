@@ -766,7 +766,9 @@ impl Coordinator {
     }
 
     /// Records that the open round produced its global model; the last
-    /// round completes the job.
+    /// round completes the job. The same report again (a top that retried
+    /// after its answer was lost) gets the job back and changes nothing; a
+    /// different one for a finished round is refused.
     pub async fn complete_round(
         &self,
         job_id: u32,
@@ -781,6 +783,15 @@ impl Coordinator {
             .jobs
             .get(&job_id)
             .ok_or(CoordinatorError::JobNotFound(job_id))?;
+        let repeated = entry.job.rounds.iter().any(|r| {
+            r.round == round
+                && r.finished
+                && r.updates_aggregated == updates_aggregated
+                && r.model_checksum == model_checksum
+        });
+        if repeated {
+            return Ok(entry.job.clone());
+        }
         let mut job = live_job(&state, job_id)?.clone();
         let open = job.open_round().map(|r| r.round);
         if open != Some(round) {

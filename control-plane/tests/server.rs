@@ -588,8 +588,24 @@ async fn rounds_run_from_join_to_completion_with_nodes_told_their_work() {
         (8, 7, true)
     );
     assert_eq!(record.model_checksum, "sha256:1");
-    let status = nodes.complete_round(complete(1, 7)).await.unwrap_err();
+    // The top's retry of a report whose answer it lost gets the same job;
+    // another report for the finished round is refused.
+    let again = nodes
+        .complete_round(complete(1, 7))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again, job);
+    let status = nodes.complete_round(complete(1, 6)).await.unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition);
+    let mut other_model = complete(1, 7);
+    other_model.model_checksum = "sha256:other".into();
+    let status = nodes.complete_round(other_model).await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert_eq!(
+        status.message(),
+        format!("job {job_id}: round 1 is not open (open round: none)")
+    );
 
     // The second (last) round completes the job and ends both streams.
     let a = rounds
@@ -607,6 +623,13 @@ async fn rounds_run_from_join_to_completion_with_nodes_told_their_work() {
         .unwrap()
         .into_inner();
     assert_eq!(job.state(), pb::JobState::Completed);
+    // Repeated once the job has ended, the report still gets its answer.
+    let again = nodes
+        .complete_round(complete(2, 4))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again, job);
 
     let mut saw_job_ended = false;
     while let Some(message) = tokio::time::timeout(DEADLINE, work.message())
