@@ -16,11 +16,8 @@ use std::time::{Duration, Instant};
 use futures_util::FutureExt;
 
 use crate::checksum::sha256_hex;
-use crate::fedavg::{Accumulator, FoldError, MAX_UPDATE_SAMPLES};
+use crate::fedavg::{Accumulator, FoldError, MAX_BATCH, MAX_UPDATE_SAMPLES};
 use crate::{DescKind, Endpoint, SdkError, Update, UpdateMeta};
-
-/// Updates folded in one pass over the accumulator.
-const FOLD_BATCH: usize = 8;
 
 /// Where an aggregator sits in the tree.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,7 +172,7 @@ pub async fn run_round(
                 None => break,
             }
         };
-        let mut batch = Vec::with_capacity(FOLD_BATCH);
+        let mut batch = Vec::with_capacity(MAX_BATCH);
         let mut next = Some(first);
         while let Some(received) = next.take() {
             match sort_received(plan, received, &mut taken)? {
@@ -183,7 +180,7 @@ pub async fn run_round(
                 Received::Refuse => refused += 1,
                 Received::Ignore => {}
             }
-            if batch.len() < FOLD_BATCH && children + (batch.len() as u32) < plan.expected {
+            if batch.len() < MAX_BATCH && children + (batch.len() as u32) < plan.expected {
                 next = endpoint.recv().now_or_never();
             }
         }
@@ -223,11 +220,11 @@ struct Counts {
     updates: u32,
 }
 
-/// Batch size that folds `held` results in as few passes as [`FOLD_BATCH`]
+/// Batch size that folds `held` results in as few passes as [`MAX_BATCH`]
 /// allows, with passes of equal size: ten results fold as 5 + 5, not
 /// 8 + 2, since a pass of two reads the sum for little.
 fn balanced_batch(held: usize) -> usize {
-    let passes = held.div_ceil(FOLD_BATCH).max(1);
+    let passes = held.div_ceil(MAX_BATCH).max(1);
     held.div_ceil(passes).max(1)
 }
 
@@ -395,7 +392,7 @@ mod tests {
     fn held_results_fold_in_equal_passes_of_at_most_eight() {
         let passes = |n: usize| {
             let batch = balanced_batch(n);
-            assert!(batch <= FOLD_BATCH);
+            assert!(batch <= MAX_BATCH);
             (n.div_ceil(batch), batch)
         };
         assert_eq!(passes(10), (2, 5));

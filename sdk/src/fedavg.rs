@@ -17,7 +17,7 @@
 const LANES: usize = 16;
 
 /// Updates read side by side in one pass; a longer batch takes more passes.
-const MAX_BATCH: usize = 8;
+pub const MAX_BATCH: usize = 8;
 
 /// Most training samples one update may claim. With the control plane's cap
 /// of 1,000,000 trainers a round, a round's sample total stays below 2^52:
